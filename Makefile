@@ -1,0 +1,29 @@
+# Every target works on a fresh clone with only Python 3 and pip: it creates .venv and installs
+# the package (editable) with the extra it needs, pinned by requirements/constraints.txt.
+# A stamp per extra makes re-runs skip the install until setup.cfg or the pins change.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONSTRAINTS := requirements/constraints.txt
+PYTEST_ARGS ?=
+
+.PHONY: test lint bench demo demo-ddp docs clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-%: setup.cfg setup.py $(CONSTRAINTS) | $(BIN)/python
+	$(BIN)/python -m pip install --disable-pip-version-check -c $(CONSTRAINTS) -e '.[$*]'
+	touch $@
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check losses tests benchmarks docs
+	$(BIN)/ruff format --check losses tests benchmarks docs
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info docs/_build

@@ -1,0 +1,95 @@
+"""Argument checks shared by the loss modules and metrics.
+
+Everything here either runs once at construction or compares shapes and dtypes, which never
+touches tensor data and so never waits on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+import torch
+
+TensorLike = Union[torch.Tensor, Sequence[float]]
+
+#: Reductions that reduce a tensor of element losses to one value (or keep them, ``none``).
+ELEMENT_REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    """Return ``value`` if it is one of ``choices``, else raise a ``ValueError`` naming ``name``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"Expected `{name}` to be one of {tuple(choices)}, got {value!r}.")
+    return value
+
+
+def check_probability(name: str, value: Any) -> float:
+    """Return ``value`` as a float if it lies in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Expected `{name}` to be a float in [0, 1], got {type(value).__name__}.")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"Expected `{name}` to be in [0, 1], got {value!r}.")
+    return float(value)
+
+
+def weight_tensor(name: str, value: Optional[TensorLike], *, ndim: int = 1) -> Optional[torch.Tensor]:
+    """Turn a weight given as a tensor or a sequence into a detached floating tensor.
+
+    The weight must be non-negative and finite. Checking that reads the data once, which is fine
+    here because it runs at construction, not in ``forward``.
+    """
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().clone()
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        try:
+            tensor = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"Expected `{name}` to be a tensor or a sequence of numbers, got {value!r}.") from err
+    else:
+        raise TypeError(f"Expected `{name}` to be a tensor or a sequence of numbers, got {type(value).__name__}.")
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise TypeError(f"Expected `{name}` to hold real numbers, got dtype {tensor.dtype}.")
+    if not tensor.is_floating_point():
+        tensor = tensor.to(torch.get_default_dtype())
+    if tensor.ndim != ndim:
+        raise ValueError(f"Expected `{name}` to have {ndim} dimension(s), got shape {tuple(tensor.shape)}.")
+    if not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
+        raise ValueError(f"Expected `{name}` to be non-negative and finite, got {tensor.tolist()}.")
+    return tensor
+
+
+def check_same_shape(name: str, tensor: torch.Tensor, expected: torch.Size, against: str) -> None:
+    """Raise unless ``tensor`` has exactly the shape ``expected`` (the shape of ``against``)."""
+    if tensor.shape != expected:
+        raise ValueError(
+            f"Expected `{name}` to have the shape of `{against}` {tuple(expected)}, got {tuple(tensor.shape)}."
+        )
+
+
+def check_broadcasts_to(name: str, tensor: torch.Tensor, target: torch.Size, against: str) -> None:
+    """Raise unless ``tensor`` broadcasts to ``target`` without changing it."""
+    shape = tensor.shape
+    fits = len(shape) <= len(target) and all(
+        size in (1, wanted) for size, wanted in zip(reversed(shape), reversed(target))
+    )
+    if not fits:
+        raise ValueError(
+            f"Expected `{name}` of shape {tuple(tensor.shape)} to broadcast to the shape of `{against}` "
+            f"{tuple(target)}."
+        )
+
+
+def check_tensor(name: str, value: Any) -> torch.Tensor:
+    """Raise a ``TypeError`` unless ``value`` is a tensor."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"Expected `{name}` to be a torch.Tensor, got {type(value).__name__}.")
+    return value
+
+
+def check_floating(name: str, tensor: torch.Tensor) -> None:
+    """Raise a ``TypeError`` unless ``tensor`` holds floating point numbers."""
+    if not tensor.is_floating_point():
+        raise TypeError(f"Expected `{name}` to be a floating point tensor, got dtype {tensor.dtype}.")

@@ -1,0 +1,73 @@
+"""Binary cross-entropy on logits, as a module whose ``pos_weight`` is a buffer."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from losses import _validation as v
+from losses import functional
+from losses._base import _Loss
+from losses.functional import Reduction
+
+
+class BCEWithLogitsLoss(_Loss):
+    r"""Creates a criterion that measures the binary cross-entropy between ``sigmoid(logits)`` and ``labels``.
+
+    The unreduced loss of element :math:`i` is
+
+    .. math::
+        \ell_i = -w_i \left[ p\, y_i \log \sigma(x_i) + (1 - y_i) \log(1 - \sigma(x_i)) \right]
+
+    where :math:`w` are the per-element ``weights`` of ``forward`` and :math:`p` the ``pos_weight``
+    of the element's class (last dimension). With ``label_smoothing`` :math:`\varepsilon` the
+    targets become :math:`y (1 - \varepsilon) + \varepsilon / 2`. ``mean`` divides the sum of
+    :math:`\ell_i` by the number of elements (weights do not renormalize), ``sum`` adds them up.
+
+    ``pos_weight`` trades recall for precision: for a class with 100 positive and 300 negative
+    examples, ``pos_weight=3`` makes the positives weigh as much as the negatives in the loss.
+
+    Args:
+        pos_weight: weight of positive examples, one per class (last dimension of the logits);
+            a tensor or a sequence of non-negative finite numbers. Default: ``None`` (all 1).
+            Stored as a buffer, so it follows ``.to()`` and is saved in ``state_dict()``.
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"``. Default: ``"mean"``.
+        label_smoothing: :math:`\varepsilon \in [0, 1]`. Default: ``0.0``.
+
+    Shape:
+        - logits: :math:`(*)`, floating point; float16/bfloat16 are computed in float32.
+        - labels: :math:`(*)`, float, integer or bool.
+        - weights: optional, broadcastable to :math:`(*)`.
+        - output: scalar; :math:`(*)` for ``reduction="none"``. float32 for half-precision logits.
+
+    Examples:
+        >>> loss = BCEWithLogitsLoss(pos_weight=[3.0, 1.0])
+        >>> logits = torch.tensor([[0.5, -1.0], [2.0, 0.0]])
+        >>> labels = torch.tensor([[1, 0], [0, 1]])
+        >>> loss(logits, labels)
+        tensor(1.1389)
+    """
+
+    pos_weight: Optional[torch.Tensor]
+
+    def __init__(
+        self,
+        pos_weight: Optional[v.TensorLike] = None,
+        reduction: Reduction = "mean",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(reduction, label_smoothing)
+        self._register_weight("pos_weight", v.weight_tensor("pos_weight", pos_weight))
+
+    def forward(
+        self, logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        return functional.binary_cross_entropy_with_logits(
+            logits,
+            labels,
+            weights=weights,
+            pos_weight=self.pos_weight,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+        )

@@ -1,0 +1,84 @@
+"""Softmax cross-entropy as a module whose class ``weight`` is a buffer."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from losses import _validation as v
+from losses import functional
+from losses._base import _Loss
+from losses.functional import Reduction
+
+
+class CrossEntropyLoss(_Loss):
+    r"""Creates a criterion that measures the cross-entropy between ``softmax(logits)`` and ``labels``.
+
+    For class-index labels the unreduced loss of sample :math:`i` is
+
+    .. math::
+        \ell_i = -s_i\, c_{y_i} \log \frac{\exp(x_{i, y_i})}{\sum_{k=1}^{C} \exp(x_{i, k})}
+
+    with :math:`c` the class ``weight`` and :math:`s` the per-sample ``weights`` of ``forward``
+    (:math:`\ell_i = 0` where :math:`y_i` is ``ignore_index``). Probability labels use
+    :math:`-\sum_k c_k\, y_{i,k} \log \mathrm{softmax}(x_i)_k`. ``label_smoothing`` mixes the target
+    with the uniform distribution, as :class:`torch.nn.CrossEntropyLoss` does.
+
+    ``mean`` divides :math:`\sum_i \ell_i` by torch's denominator: the number of labelled samples,
+    or with a class ``weight`` the sum of :math:`c_{y_i}` over them; per-sample weights multiply
+    the losses but do not change the denominator (as ``weight`` in BCE). A batch whose labels are
+    all ``ignore_index`` gives 0, where torch gives NaN. For probability labels ``mean`` divides by
+    the number of samples.
+
+    Args:
+        weight: a weight per class, shape :math:`(C)`, non-negative and finite. Default: ``None``.
+            Stored as a buffer.
+        ignore_index: a class-index label that contributes neither loss nor gradient. Default: ``-100``.
+        reduction: ``"mean"`` | ``"sum"`` | ``"none"``. Default: ``"mean"``.
+        label_smoothing: :math:`\varepsilon \in [0, 1]`. Default: ``0.0``.
+
+    Shape:
+        - logits: :math:`(C)`, :math:`(N, C)` or :math:`(N, C, d_1, \dots, d_K)`, floating point.
+        - labels: class indices (integer) of shape :math:`()`, :math:`(N)` or
+          :math:`(N, d_1, \dots, d_K)`, or probabilities (floating) of the shape of ``logits``.
+        - weights: optional, the shape of the class-index labels.
+        - output: scalar; the shape of the class-index labels for ``reduction="none"``.
+
+    Examples:
+        >>> loss = CrossEntropyLoss(weight=[1.0, 2.0, 1.0])
+        >>> logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+        >>> loss(logits, torch.tensor([0, 1]))
+        tensor(0.4475)
+    """
+
+    weight: Optional[torch.Tensor]
+
+    def __init__(
+        self,
+        weight: Optional[v.TensorLike] = None,
+        ignore_index: int = -100,
+        reduction: Reduction = "mean",
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(reduction, label_smoothing)
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"Expected `ignore_index` to be an int, got {type(ignore_index).__name__}.")
+        self.ignore_index = ignore_index
+        self._register_weight("weight", v.weight_tensor("weight", weight))
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, {super().extra_repr()}"
+
+    def forward(
+        self, logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        return functional.cross_entropy(
+            logits,
+            labels,
+            weights=weights,
+            class_weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+        )

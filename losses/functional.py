@@ -1,0 +1,196 @@
+"""Stateless loss math. The modules in this package hold configuration and call these.
+
+Every function checks the shapes of its tensor arguments (free: no data is read) and computes
+half-precision inputs in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from losses import _validation as v
+
+Reduction = Literal["mean", "sum", "none"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a loss is computed in: float16/bfloat16 are promoted to float32."""
+    return torch.float32 if dtype in _HALF else dtype
+
+
+def _reduce(elements: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return elements.mean()
+    if reduction == "sum":
+        return elements.sum()
+    return elements
+
+
+def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``numerator / denominator``, and 0 where the denominator is 0 (the numerator is 0 there too).
+
+    Dividing by 1 instead of masking the quotient keeps the gradient finite: a masked ``0 / 0``
+    would still send NaN backwards.
+    """
+    return numerator / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+
+
+def binary_cross_entropy_with_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    pos_weight: Optional[torch.Tensor] = None,
+    reduction: Reduction = "mean",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    r"""Binary cross-entropy between ``sigmoid(logits)`` and ``labels``.
+
+    .. math::
+        \ell_i = -w_i \left[ p\, y_i \log \sigma(x_i) + (1 - y_i) \log(1 - \sigma(x_i)) \right],
+        \qquad y_i \leftarrow y_i (1 - \varepsilon) + \varepsilon / 2
+
+    with ``p`` the ``pos_weight`` (broadcast over the last dimension) and ``w`` the per-element
+    ``weights``. ``mean`` divides the sum by the number of elements, as torch does.
+
+    Shape:
+        - logits: any shape ``(*)``, floating point.
+        - labels: ``(*)``, float, integer or bool (converted like ``labels.type_as(logits)``).
+        - weights: broadcastable to ``(*)``.
+        - pos_weight: broadcastable to ``(*)``, typically ``(C,)`` for the last dimension.
+        - output: scalar, or ``(*)`` for ``reduction="none"``.
+
+    Example:
+        >>> logits = torch.tensor([0.0, 2.0])
+        >>> binary_cross_entropy_with_logits(logits, torch.tensor([1, 0]))
+        tensor(1.4100)
+    """
+    v.check_floating("logits", logits)
+    v.check_same_shape("labels", labels, logits.shape, "logits")
+    if weights is not None:
+        v.check_broadcasts_to("weights", weights, logits.shape, "logits")
+    if pos_weight is not None:
+        v.check_broadcasts_to("pos_weight", pos_weight, logits.shape, "logits")
+    dtype = compute_dtype(logits.dtype)
+    logits = logits.to(dtype)
+    labels = labels.to(dtype)
+    if label_smoothing:
+        labels = labels * (1.0 - label_smoothing) + 0.5 * label_smoothing
+    return F.binary_cross_entropy_with_logits(
+        logits,
+        labels,
+        weight=None if weights is None else weights.to(dtype),
+        pos_weight=None if pos_weight is None else pos_weight.to(dtype),
+        reduction=reduction,
+    )
+
+
+def _check_cross_entropy_shapes(logits: torch.Tensor, labels: torch.Tensor) -> torch.Size:
+    """Check labels against logits; return the shape of one loss per sample (logits less the class dim)."""
+    v.check_floating("logits", logits)
+    if logits.ndim == 0:
+        raise ValueError("Expected `logits` to have a class dimension, got a scalar.")
+    class_dim = 0 if logits.ndim == 1 else 1
+    sample_shape = logits.shape[:class_dim] + logits.shape[class_dim + 1 :]
+    if labels.is_floating_point():
+        if labels.shape != logits.shape:
+            raise ValueError(
+                "Expected probability `labels` (floating point) to have the shape of `logits` "
+                f"{tuple(logits.shape)}, got {tuple(labels.shape)}."
+            )
+    elif labels.dtype == torch.bool or labels.is_complex():
+        raise TypeError(
+            f"Expected `labels` to be integer class indices or floating point probabilities, got dtype {labels.dtype}."
+        )
+    elif labels.shape != sample_shape:
+        raise ValueError(
+            f"Expected class-index `labels` (integer) of shape {tuple(sample_shape)} for `logits` of shape "
+            f"{tuple(logits.shape)} (classes in dimension {class_dim}), got {tuple(labels.shape)}."
+        )
+    return sample_shape
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    class_weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    r"""Cross-entropy between ``softmax(logits)`` over the class dimension and ``labels``.
+
+    For class-index labels :math:`y_i` with class weights :math:`c` and per-sample weights :math:`s`:
+
+    .. math::
+        \ell_i = -s_i\, c_{y_i} \log \frac{e^{x_{i,y_i}}}{\sum_k e^{x_{i,k}}}
+
+    (with label smoothing, the smoothed target as in :func:`torch.nn.functional.cross_entropy`).
+    ``mean`` divides :math:`\sum_i \ell_i` by :math:`\sum_{i:\, y_i \ne \text{ignore}} c_{y_i}`,
+    exactly torch's denominator, so per-sample weights act as multipliers and do not renormalize;
+    a batch whose labels are all ``ignore_index`` gives 0 (torch gives NaN). For probability labels
+    ``mean`` divides by the number of samples.
+
+    Shape:
+        - logits: ``(C)``, ``(N, C)`` or ``(N, C, d_1, ..., d_K)``.
+        - labels: class indices of shape ``()``, ``(N)`` or ``(N, d_1, ..., d_K)``, or
+          probabilities of the shape of ``logits``.
+        - weights: the shape of the class-index labels (logits without the class dimension).
+        - class_weight: ``(C)``.
+        - output: scalar, or one loss per sample for ``reduction="none"``.
+
+    Example:
+        >>> logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+        >>> cross_entropy(logits, torch.tensor([0, 2]))
+        tensor(0.6691)
+    """
+    sample_shape = _check_cross_entropy_shapes(logits, labels)
+    num_classes = logits.shape[0 if logits.ndim == 1 else 1]
+    if class_weight is not None and class_weight.shape != (num_classes,):
+        raise ValueError(
+            f"Expected class `weight` of length {num_classes} (the class count of `logits` "
+            f"{tuple(logits.shape)}), got shape {tuple(class_weight.shape)}."
+        )
+    if weights is not None:
+        v.check_same_shape("weights", weights, sample_shape, "labels without the class dimension")
+    dtype = compute_dtype(logits.dtype)
+    logits = logits.to(dtype)
+    if labels.is_floating_point():
+        labels = labels.to(dtype)
+    if class_weight is not None:
+        class_weight = class_weight.to(dtype)
+    probability_labels = labels.is_floating_point()
+    if weights is None and (probability_labels or reduction != "mean"):
+        return F.cross_entropy(
+            logits,
+            labels,
+            weight=class_weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+        )
+    elements = F.cross_entropy(
+        logits,
+        labels,
+        weight=class_weight,
+        ignore_index=ignore_index,
+        reduction="none",
+        label_smoothing=label_smoothing,
+    )
+    if weights is not None:
+        elements = elements * weights.to(dtype)
+    if reduction != "mean":
+        return _reduce(elements, reduction)
+    if probability_labels:
+        return elements.sum() / max(elements.numel(), 1)
+    valid = labels != ignore_index
+    if class_weight is None:
+        denominator = valid.sum().to(dtype)
+    else:
+        denominator = (class_weight[torch.where(valid, labels, 0)] * valid).sum()
+    return _safe_divide(elements.sum(), denominator)
