@@ -73,7 +73,7 @@ def check_broadcasts_to(name: str, tensor: torch.Tensor, target: torch.Size, aga
     """Raise unless ``tensor`` broadcasts to ``target`` without changing it."""
     shape = tensor.shape
     fits = len(shape) <= len(target) and all(
-        size in (1, wanted) for size, wanted in zip(reversed(shape), reversed(target))
+        size in (1, wanted) for size, wanted in zip(reversed(shape), reversed(target), strict=False)
     )
     if not fits:
         raise ValueError(
