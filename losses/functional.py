@@ -156,8 +156,11 @@ def cross_entropy(
             f"Expected class `weight` of length {num_classes} (the class count of `logits` "
             f"{tuple(logits.shape)}), got shape {tuple(class_weight.shape)}."
         )
-    if weights is not None:
-        v.check_same_shape("weights", weights, sample_shape, "labels without the class dimension")
+    if weights is not None and weights.shape != sample_shape:
+        raise ValueError(
+            f"Expected `weights` to have the shape of one loss per sample {tuple(sample_shape)} "
+            f"(`logits` {tuple(logits.shape)} without the class dimension), got {tuple(weights.shape)}."
+        )
     dtype = compute_dtype(logits.dtype)
     logits = logits.to(dtype)
     if labels.is_floating_point():
