@@ -1,9 +1,20 @@
 """PyTorch loss modules for multi-task ranking models."""
 
 from losses.bce import BCEWithLogitsLoss
+from losses.builders import build_loss, build_multi_task_loss, get_global_loss_detached
 from losses.cross_entropy import CrossEntropyLoss
 from losses.loss_type import LossType
+from losses.multi_task import MultiTaskLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["BCEWithLogitsLoss", "CrossEntropyLoss", "LossType", "__version__"]
+__all__ = [
+    "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+    "LossType",
+    "MultiTaskLoss",
+    "__version__",
+    "build_loss",
+    "build_multi_task_loss",
+    "get_global_loss_detached",
+]

@@ -31,7 +31,7 @@ def _reduce(elements: torch.Tensor, reduction: str) -> torch.Tensor:
     return elements
 
 
-def _safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """``numerator / denominator``, and 0 where the denominator is 0 (the numerator is 0 there too).
 
     Dividing by 1 instead of masking the quotient keeps the gradient finite: a masked ``0 / 0``
@@ -196,4 +196,149 @@ def cross_entropy(
         denominator = valid.sum().to(dtype)
     else:
         denominator = (class_weight[torch.where(valid, labels, 0)] * valid).sum()
-    return _safe_divide(elements.sum(), denominator)
+    return safe_divide(elements.sum(), denominator)
+
+
+def check_multi_task_inputs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    num_tasks: int,
+    num_class_dims: int,
+) -> None:
+    """Check the shapes of a multi-task batch: logits ``[B, T]`` (or ``[B, T, C]``), the rest ``[B, T]``."""
+    v.check_floating("logits", logits)
+    expected_ndim = 2 + num_class_dims
+    layout = "[B, T]" if num_class_dims == 0 else "[B, T, C]"
+    if logits.ndim != expected_ndim:
+        raise ValueError(f"Expected `logits` of shape {layout}, got {tuple(logits.shape)}.")
+    if logits.shape[1] != num_tasks:
+        raise ValueError(
+            f"Expected `logits` to have {num_tasks} tasks in dimension 1 (one per task name), "
+            f"got {logits.shape[1]} (shape {tuple(logits.shape)})."
+        )
+    block = logits.shape[:2]
+    if num_class_dims:
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise TypeError(f"Expected cross-entropy `labels` to be integer class indices, got dtype {labels.dtype}.")
+        v.check_same_shape("labels", labels, block, "logits without the class dimension")
+    else:
+        v.check_same_shape("labels", labels, block, "logits")
+    if weights is not None and weights.shape not in (block, block[:1]):
+        raise ValueError(
+            f"Expected `weights` of shape [B, T] {tuple(block)} or [B] {tuple(block[:1])}, got {tuple(weights.shape)}."
+        )
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"Expected `mask` to be a bool tensor, got dtype {mask.dtype}.")
+        v.check_same_shape("mask", mask, block, "logits" if not num_class_dims else "labels")
+
+
+def _as_block(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    weights = weights.to(dtype)
+    return weights.unsqueeze(1) if weights.ndim == 1 else weights
+
+
+def multi_task_bce_sums(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    pos_weight: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""Per-task sums of binary cross-entropy over a ``[B, T]`` block.
+
+    .. math::
+        S_t = \sum_{b} m_{bt}\, w_{bt} \left[ (1 - y_{bt}) x_{bt} - (1 + (p_t - 1) y_{bt}) \log \sigma(x_{bt}) \right]
+
+    which is :math:`\sum_b m_{bt} w_{bt} \ell_{bt}` with :math:`\ell` the element loss of
+    :func:`binary_cross_entropy_with_logits`. Entries where ``mask`` is false contribute nothing to
+    the sum or the gradient, whatever their label holds.
+
+    Shape:
+        - logits, labels, mask: ``(B, T)``; weights: ``(B, T)`` or ``(B)``; pos_weight: ``(T)``.
+        - output: ``(T)``, float32 for half-precision logits.
+
+    Example:
+        >>> logits = torch.tensor([[0.0, 1.0], [0.0, -1.0]])
+        >>> labels = torch.tensor([[1.0, 0.0], [0.0, float("nan")]])
+        >>> mask = torch.tensor([[True, True], [True, False]])
+        >>> multi_task_bce_sums(logits, labels, torch.ones(2), mask=mask)
+        tensor([1.3863, 1.3133])
+    """
+    dtype = compute_dtype(logits.dtype)
+    logits = logits.to(dtype)
+    labels = labels.to(dtype)
+    if mask is not None:
+        labels = torch.where(mask, labels, 0.0)
+    elements = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=pos_weight.to(dtype), reduction="none")
+    if weights is not None:
+        elements = elements * _as_block(weights, dtype)
+    if mask is not None:
+        elements = elements * mask
+    return elements.sum(0)
+
+
+def multi_task_cross_entropy_sums(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""Per-task sums of softmax cross-entropy, one class distribution per (sample, task).
+
+    .. math::
+        S_t = -\sum_{b} m_{bt}\, w_{bt} \log \mathrm{softmax}(x_{bt})_{y_{bt}}
+
+    Shape:
+        - logits: ``(B, T, C)``; labels (class indices), mask: ``(B, T)``; weights: ``(B, T)`` or ``(B)``.
+        - output: ``(T)``.
+
+    Example:
+        >>> logits = torch.zeros(2, 1, 4)
+        >>> multi_task_cross_entropy_sums(logits, torch.tensor([[3], [0]]))
+        tensor([2.7726])
+    """
+    dtype = compute_dtype(logits.dtype)
+    batch, tasks, classes = logits.shape
+    if mask is not None:
+        labels = torch.where(mask, labels, 0)
+    elements = F.cross_entropy(logits.to(dtype).reshape(batch * tasks, classes), labels.reshape(-1), reduction="none")
+    elements = elements.view(batch, tasks)
+    if weights is not None:
+        elements = elements * _as_block(weights, dtype)
+    if mask is not None:
+        elements = elements * mask
+    return elements.sum(0)
+
+
+def task_counts(mask: Optional[torch.Tensor], batch: int, num_tasks: int, like: torch.Tensor) -> torch.Tensor:
+    """How many entries of each task are labelled: ``mask.sum(0)``, or the batch size without a mask."""
+    if mask is None:
+        return torch.full((num_tasks,), float(batch), dtype=like.dtype, device=like.device)
+    return mask.sum(0).to(like.dtype)
+
+
+GlobalReduction = Literal["mean", "sum", "min", "max", "median"]
+
+
+def reduce_tasks(task_losses: torch.Tensor, task_weight: torch.Tensor, reduction: GlobalReduction) -> torch.Tensor:
+    """Scale the per-task losses ``(T)`` by ``task_weight`` and reduce them to one value.
+
+    ``median`` of an even count is the lower of the two middle values, as :func:`torch.median`.
+
+    Example:
+        >>> reduce_tasks(torch.tensor([1.0, 2.0, 6.0]), torch.tensor([1.0, 1.0, 0.5]), "max")
+        tensor(3.)
+    """
+    weighted = task_losses * task_weight.to(task_losses.dtype)
+    if reduction == "mean":
+        return weighted.mean()
+    if reduction == "sum":
+        return weighted.sum()
+    if reduction == "min":
+        return weighted.min()
+    if reduction == "max":
+        return weighted.max()
+    return weighted.median()

@@ -1,0 +1,96 @@
+"""The ancestor's public functions, same signatures, built on this library's modules.
+
+See ``docs/migrating.rst`` for what each kept and what it fixes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Literal, Optional, Union
+
+import torch
+
+from losses import _validation as v
+from losses import distributed
+from losses.bce import BCEWithLogitsLoss
+from losses.cross_entropy import CrossEntropyLoss
+from losses.functional import GlobalReduction, Reduction
+from losses.loss_type import LossType, parse_loss_type
+from losses.multi_task import MultiTaskLoss, TaskReduction, warn_unless_mean
+
+
+def build_loss(
+    loss_type: Union[LossType, str], reduction: Reduction = "mean"
+) -> Union[BCEWithLogitsLoss, CrossEntropyLoss]:
+    """Return the single-task loss module for ``loss_type``, called as ``loss(logits, labels)``.
+
+    Both loss types work (the ancestor mapped only BCE and raised ``KeyError`` for cross-entropy).
+    A reduction other than ``mean`` warns, as the ancestor did.
+
+    Example:
+        >>> loss = build_loss(LossType.CROSS_ENTROPY)
+        >>> loss(torch.zeros(2, 4), torch.tensor([0, 3]))
+        tensor(1.3863)
+    """
+    kind = parse_loss_type(loss_type)
+    v.check_choice("reduction", reduction, v.ELEMENT_REDUCTIONS)
+    warn_unless_mean("reduction", reduction)
+    if kind is LossType.BCE_WITH_LOGITS:
+        return BCEWithLogitsLoss(reduction=reduction)
+    return CrossEntropyLoss(reduction=reduction)
+
+
+def build_multi_task_loss(
+    loss_type: Union[LossType, str],
+    tasks: Sequence[str],
+    task_loss_reduction: TaskReduction = "mean",
+    global_reduction: GlobalReduction = "mean",
+    pos_weights: Optional[v.TensorLike] = None,
+) -> MultiTaskLoss:
+    """Return a :class:`~losses.MultiTaskLoss`, called as ``loss(logits, labels, weights)``.
+
+    Gives the ancestor's keys and values (``"loss/<task>"`` per task, then ``"loss"``) for every
+    reduction pair; ``pos_weights`` become a buffer instead of being rebuilt on the CPU per call.
+
+    Example:
+        >>> loss = build_multi_task_loss(LossType.BCE_WITH_LOGITS, ["fav", "reply"], pos_weights=[1.0, 2.0])
+        >>> out = loss(torch.zeros(2, 2), torch.tensor([[0, 1], [1, 0]]), torch.ones(2, 2))
+        >>> {name: round(value.item(), 4) for name, value in out.items()}
+        {'loss/fav': 0.6931, 'loss/reply': 1.0397, 'loss': 0.8664}
+    """
+    return MultiTaskLoss(
+        tasks,
+        loss_type=loss_type,
+        pos_weights=pos_weights,
+        task_loss_reduction=task_loss_reduction,
+        global_reduction=global_reduction,
+    )
+
+
+def get_global_loss_detached(local_loss: torch.Tensor, reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+    """Reduce a detached copy of ``local_loss`` over all ranks, for logging.
+
+    ``mean`` averages the ranks' values, ``sum`` adds them. The result is a new tensor: the
+    caller's loss (and its graph) is never touched, unlike the ancestor's in-place divide. Without
+    a process group the world size is 1 and the value comes back as it is. A reduction other than
+    ``mean`` warns that DDP averages gradients, so the logged value no longer matches them.
+
+    Example:
+        >>> loss = torch.tensor(0.25, requires_grad=True)
+        >>> get_global_loss_detached(loss)
+        tensor(0.2500)
+    """
+    v.check_tensor("local_loss", local_loss)
+    v.check_choice("reduction", reduction, ("mean", "sum"))
+    if reduction != "mean":
+        warnings.warn(
+            f"`reduction={reduction!r}`: DDP averages gradients over ranks, so a global loss reduced "
+            "with anything but 'mean' does not match the loss DDP optimizes unless you changed DDP to match.",
+            UserWarning,
+            stacklevel=2,
+        )
+    reduced = distributed.all_reduce_sum(local_loss)
+    if reduction == "mean":
+        reduced = reduced / distributed.world_size()
+    return reduced

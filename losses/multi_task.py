@@ -1,0 +1,180 @@
+"""One module for many tasks: per-task losses over a ``[B, T]`` block, then one global loss."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Literal, Optional, Union
+
+import torch
+from torch import nn
+
+from losses import _validation as v
+from losses import distributed, functional
+from losses.functional import GlobalReduction
+from losses.loss_type import LossType, parse_loss_type
+
+TaskReduction = Literal["mean", "sum"]
+Normalize = Literal["local", "global"]
+
+TASK_REDUCTIONS = ("mean", "sum")
+GLOBAL_REDUCTIONS = ("mean", "sum", "min", "max", "median")
+NORMALIZATIONS = ("local", "global")
+
+
+def warn_unless_mean(name: str, reduction: str) -> None:
+    """Say once, at construction, that only ``mean`` keeps DDP gradients equal to single-process ones."""
+    if reduction != "mean":
+        warnings.warn(
+            f"`{name}={reduction!r}`: only 'mean' gives DDP gradients equal to single-process gradients "
+            "for the same global batch; with other reductions they differ (for 'sum', by the world size).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _task_names(tasks: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(tasks, str) or not isinstance(tasks, Sequence):
+        raise TypeError(f"Expected `tasks` to be a sequence of task names, got {type(tasks).__name__}.")
+    names = tuple(tasks)
+    if not names:
+        raise ValueError("Expected `tasks` to name at least one task, got an empty sequence.")
+    bad = [name for name in names if not isinstance(name, str) or not name]
+    if bad:
+        raise ValueError(f"Expected every task name to be a non-empty str, got {bad!r}.")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"Expected unique task names, got duplicates {duplicates} in {list(names)}.")
+    return names
+
+
+def _per_task(name: str, value: Optional[v.TensorLike], num_tasks: int) -> torch.Tensor:
+    tensor = v.weight_tensor(name, value)
+    if tensor is None:
+        return torch.ones(num_tasks)
+    if tensor.shape != (num_tasks,):
+        raise ValueError(f"Expected `{name}` to have one value per task ({num_tasks}), got {tensor.numel()}.")
+    return tensor
+
+
+class MultiTaskLoss(nn.Module):
+    r"""Creates a criterion that computes one loss per task over a ``[B, T]`` block and reduces them.
+
+    For task :math:`t` with labelled entries :math:`m_{bt} \in \{0, 1\}` and per-sample weights
+    :math:`w_{bt}`, the task loss is
+
+    .. math::
+        L_t = \frac{1}{N_t} \sum_{b=1}^{B} m_{bt}\, w_{bt}\, \ell(x_{bt}, y_{bt}),
+        \qquad N_t = \sum_b m_{bt}
+
+    for ``task_loss_reduction="mean"`` (:math:`N_t = 1` for ``sum``; :math:`L_t = 0` when
+    :math:`N_t = 0`). :math:`\ell` is binary cross-entropy with the task's ``pos_weight`` (see
+    :class:`~losses.BCEWithLogitsLoss`) or softmax cross-entropy over a class dimension. The global
+    loss is ``global_reduction`` over :math:`\tau_t L_t` with :math:`\tau` the ``task_weights``.
+    Weights are multipliers: ``mean`` divides by the number of labelled entries, not by the
+    weight sum, exactly as :func:`torch.nn.functional.binary_cross_entropy_with_logits`.
+
+    With ``normalize="global"`` and a process group, :math:`N_t` is summed over ranks (one
+    ``all_reduce`` of ``T`` numbers) and the local sum is multiplied by the world size, so the
+    average of the ranks' losses, which DDP's gradient averaging takes, is the exact mean over the
+    global batch even when ranks hold different numbers of labelled entries.
+
+    All tasks are computed in one pass over the block; ``forward`` has no loop over tasks and
+    never waits on the device (``normalize="global"`` runs its collective).
+
+    Args:
+        tasks: the task names, in the order of the task dimension of the logits.
+        loss_type: :attr:`LossType.BCE_WITH_LOGITS` (logits ``[B, T]``) or
+            :attr:`LossType.CROSS_ENTROPY` (logits ``[B, T, C]``, class-index labels). Default: BCE.
+        pos_weights: one positive weight per task (BCE only). Default: ``None`` (all 1).
+        task_weights: one multiplier per task for the global reduction. Default: ``None`` (all 1).
+        task_loss_reduction: ``"mean"`` | ``"sum"`` over the batch. Default: ``"mean"``.
+        global_reduction: ``"mean"`` | ``"sum"`` | ``"min"`` | ``"max"`` | ``"median"`` over the
+            weighted task losses. Default: ``"mean"``.
+        normalize: ``"local"`` | ``"global"``, where ``mean`` counts labelled entries. Default: ``"local"``.
+
+    Buffers ``pos_weight`` and ``task_weight`` (shape ``[T]``) are always registered, so they follow
+    ``model.to(...)`` and sit in the model's ``state_dict``. Reductions other than ``mean`` warn
+    once, at construction: only ``mean`` gives DDP gradients equal to single-process gradients.
+
+    Shape:
+        - logits: :math:`(B, T)` for BCE, :math:`(B, T, C)` for cross-entropy; half precision is
+          computed in float32.
+        - labels: :math:`(B, T)`; float, int or bool for BCE, class indices for cross-entropy.
+        - weights: optional, :math:`(B, T)`, or :math:`(B)` for the same weight on every task.
+        - mask: optional bool :math:`(B, T)`, true where a label exists.
+        - output: a dict ``{"loss/<task>": scalar, ..., "loss": scalar}`` in task order.
+
+    Examples:
+        >>> loss = MultiTaskLoss(["fav", "reply"], pos_weights=[1.0, 4.0])
+        >>> logits = torch.tensor([[0.0, -2.0], [1.0, 0.5]])
+        >>> labels = torch.tensor([[1, 0], [0, 1]])
+        >>> mask = torch.tensor([[True, True], [True, False]])
+        >>> {name: round(value.item(), 4) for name, value in loss(logits, labels, mask=mask).items()}
+        {'loss/fav': 1.0032, 'loss/reply': 0.1269, 'loss': 0.5651}
+    """
+
+    pos_weight: torch.Tensor
+    task_weight: torch.Tensor
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        loss_type: Union[LossType, str] = LossType.BCE_WITH_LOGITS,
+        pos_weights: Optional[v.TensorLike] = None,
+        task_weights: Optional[v.TensorLike] = None,
+        task_loss_reduction: TaskReduction = "mean",
+        global_reduction: GlobalReduction = "mean",
+        normalize: Normalize = "local",
+    ) -> None:
+        super().__init__()
+        self.tasks = _task_names(tasks)
+        self.loss_type = parse_loss_type(loss_type)
+        if pos_weights is not None and self.loss_type is LossType.CROSS_ENTROPY:
+            raise ValueError("`pos_weights` apply to BCE tasks only; got them with loss_type 'cross_entropy'.")
+        self.task_loss_reduction: TaskReduction = v.check_choice(  # type: ignore[assignment]
+            "task_loss_reduction", task_loss_reduction, TASK_REDUCTIONS
+        )
+        self.global_reduction: GlobalReduction = v.check_choice(  # type: ignore[assignment]
+            "global_reduction", global_reduction, GLOBAL_REDUCTIONS
+        )
+        self.normalize: Normalize = v.check_choice("normalize", normalize, NORMALIZATIONS)  # type: ignore[assignment]
+        num_tasks = len(self.tasks)
+        self.register_buffer("pos_weight", _per_task("pos_weights", pos_weights, num_tasks))
+        self.register_buffer("task_weight", _per_task("task_weights", task_weights, num_tasks))
+        self._keys = tuple(f"loss/{task}" for task in self.tasks)
+        warn_unless_mean("task_loss_reduction", self.task_loss_reduction)
+        warn_unless_mean("global_reduction", self.global_reduction)
+
+    def extra_repr(self) -> str:
+        return (
+            f"tasks={list(self.tasks)}, loss_type={self.loss_type.value!r}, "
+            f"task_loss_reduction={self.task_loss_reduction!r}, global_reduction={self.global_reduction!r}, "
+            f"normalize={self.normalize!r}"
+        )
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        weights: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+    ) -> dict[str, torch.Tensor]:
+        cross_entropy = self.loss_type is LossType.CROSS_ENTROPY
+        functional.check_multi_task_inputs(logits, labels, weights, mask, len(self.tasks), int(cross_entropy))
+        if cross_entropy:
+            sums = functional.multi_task_cross_entropy_sums(logits, labels, weights, mask)
+        else:
+            sums = functional.multi_task_bce_sums(logits, labels, self.pos_weight, weights, mask)
+        task_losses = self._normalize(sums, mask, logits.shape[0])
+        losses = dict(zip(self._keys, task_losses.unbind(), strict=True))
+        losses["loss"] = functional.reduce_tasks(task_losses, self.task_weight, self.global_reduction)
+        return losses
+
+    def _normalize(self, sums: torch.Tensor, mask: Optional[torch.Tensor], batch: int) -> torch.Tensor:
+        if self.task_loss_reduction == "sum":
+            return sums
+        counts = functional.task_counts(mask, batch, len(self.tasks), like=sums)
+        if self.normalize == "global" and distributed.is_distributed():
+            return functional.safe_divide(sums * distributed.world_size(), distributed.all_reduce_sum(counts))
+        return functional.safe_divide(sums, counts)

@@ -1,0 +1,347 @@
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from losses import LossType, MultiTaskLoss
+from tests.reference import multi_task_loop
+
+TASKS = ("fav", "reply", "repost", "click", "share")
+TASK_REDUCTIONS = ("mean", "sum")
+GLOBAL_REDUCTIONS = ("mean", "sum", "min", "max", "median")
+
+
+def _batch(batch=32, tasks=5, dtype=torch.float64, seed=0, classes=None):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, tasks) if classes is None else (batch, tasks, classes)
+    logits = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2).to(dtype)
+    if classes is None:
+        labels = (torch.rand(batch, tasks, generator=gen) < torch.linspace(0.5, 0.05, tasks)).long()
+    else:
+        labels = torch.randint(0, classes, (batch, tasks), generator=gen)
+    weights = torch.rand(batch, tasks, generator=gen, dtype=torch.float64).to(dtype)
+    mask = torch.rand(batch, tasks, generator=gen) < 0.7
+    return logits, labels, weights, mask
+
+
+def _quiet(**kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return MultiTaskLoss(**kwargs)
+
+
+def _assert_same(ours, ref, inputs, **tolerance):
+    assert list(ours) == list(ref)
+    for key in ref:
+        torch.testing.assert_close(ours[key], ref[key], msg=key, **tolerance)
+    grads = [torch.rand(()) for _ in ref]
+    ours_grad = torch.autograd.grad([ours[k] for k in ref], inputs[0], [g.to(inputs[0].dtype) for g in grads])[0]
+    ref_grad = torch.autograd.grad([ref[k] for k in ref], inputs[1], [g.to(inputs[1].dtype) for g in grads])[0]
+    torch.testing.assert_close(ours_grad, ref_grad, **tolerance)
+
+
+@pytest.mark.parametrize("task_loss_reduction", TASK_REDUCTIONS)
+@pytest.mark.parametrize("global_reduction", GLOBAL_REDUCTIONS)
+@pytest.mark.parametrize("use_pos_weights", [False, True])
+@pytest.mark.parametrize("use_weights", [False, True])
+def test_matches_the_ancestors_loop(task_loss_reduction, global_reduction, use_pos_weights, use_weights):
+    logits, labels, weights, _ = _batch()
+    weights = weights if use_weights else None
+    pos_weights = [1.0, 2.0, 0.5, 10.0, 3.0] if use_pos_weights else None
+    ours_in, ref_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    loss = _quiet(
+        tasks=TASKS,
+        pos_weights=pos_weights,
+        task_loss_reduction=task_loss_reduction,
+        global_reduction=global_reduction,
+    ).double()
+    ref = multi_task_loop(ref_in, labels, weights, TASKS, task_loss_reduction, global_reduction, pos_weights)
+    _assert_same(loss(ours_in, labels, weights), ref, (ours_in, ref_in))
+
+
+@pytest.mark.parametrize("task_loss_reduction", TASK_REDUCTIONS)
+@pytest.mark.parametrize("global_reduction", ["mean", "median"])
+def test_mask_selects_labelled_entries(task_loss_reduction, global_reduction):
+    logits, labels, weights, mask = _batch()
+    pos_weights = [1.0, 2.0, 0.5, 10.0, 3.0]
+    ours_in, ref_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    loss = _quiet(
+        tasks=TASKS, pos_weights=pos_weights, task_loss_reduction=task_loss_reduction, global_reduction=global_reduction
+    ).double()
+    ref = multi_task_loop(ref_in, labels, weights, TASKS, task_loss_reduction, global_reduction, pos_weights, mask=mask)
+    _assert_same(loss(ours_in, labels, weights, mask), ref, (ours_in, ref_in))
+
+
+def test_unlabelled_entries_add_nothing_whatever_their_label():
+    logits, labels, weights, mask = _batch()
+    garbage = labels.double().masked_fill(~mask, float("nan"))
+    other = labels.double().masked_fill(~mask, 7.0)
+    loss = MultiTaskLoss(TASKS, pos_weights=[2.0] * 5).double()
+    grads = []
+    for held in (garbage, other):
+        x = logits.clone().requires_grad_()
+        out = loss(x, held, weights, mask)
+        assert all(torch.isfinite(value) for value in out.values())
+        out["loss"].backward()
+        assert torch.equal(x.grad[~mask], torch.zeros(int((~mask).sum()), dtype=torch.float64))
+        grads.append((out["loss"].detach(), x.grad))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_task_without_labels_gives_zero_and_no_gradient():
+    logits, labels, weights, mask = _batch()
+    mask[:, 2] = False
+    x = logits.clone().requires_grad_()
+    out = MultiTaskLoss(TASKS).double()(x, labels, weights, mask)
+    assert out["loss/repost"].item() == 0.0
+    out["loss"].backward()
+    assert torch.equal(x.grad[:, 2], torch.zeros(32, dtype=torch.float64))
+    assert torch.isfinite(x.grad).all()
+
+
+def test_mean_divides_by_labelled_count_not_weight_sum():
+    logits = torch.zeros(4, 1, dtype=torch.float64)
+    labels = torch.zeros(4, 1)
+    weights = torch.tensor([[2.0], [2.0], [5.0], [5.0]], dtype=torch.float64)
+    mask = torch.tensor([[True], [True], [False], [False]])
+    out = MultiTaskLoss(["fav"]).double()(logits, labels, weights, mask)
+    torch.testing.assert_close(
+        out["loss/fav"], torch.tensor(2.0 * torch.log(torch.tensor(2.0)).item(), dtype=torch.float64)
+    )
+
+
+def test_per_sample_weights_of_shape_b_apply_to_every_task():
+    logits, labels, _, mask = _batch()
+    row_weights = torch.rand(32, dtype=torch.float64)
+    loss = MultiTaskLoss(TASKS).double()
+    ours = loss(logits, labels, row_weights, mask)
+    expanded = loss(logits, labels, row_weights[:, None].expand(32, 5), mask)
+    for key in ours:
+        torch.testing.assert_close(ours[key], expanded[key])
+
+
+def test_task_weights_scale_before_the_global_reduction():
+    logits, labels, weights, mask = _batch()
+    task_weights = [1.0, 0.0, 2.0, 0.5, 3.0]
+    ref = multi_task_loop(logits, labels, weights, TASKS, mask=mask, task_weights=task_weights, global_reduction="max")
+    out = _quiet(tasks=TASKS, task_weights=task_weights, global_reduction="max").double()(logits, labels, weights, mask)
+    for key in ref:
+        torch.testing.assert_close(out[key], ref[key])
+
+
+@pytest.mark.parametrize("task_loss_reduction", TASK_REDUCTIONS)
+def test_cross_entropy_tasks(task_loss_reduction):
+    logits, labels, weights, mask = _batch(classes=4)
+    labels = labels.masked_fill(~mask, -1)
+    ours_in, ref_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    loss = _quiet(tasks=TASKS, loss_type="cross_entropy", task_loss_reduction=task_loss_reduction).double()
+    ref = multi_task_loop(ref_in, labels, weights, TASKS, task_loss_reduction, mask=mask, cross_entropy=True)
+    _assert_same(loss(ours_in, labels, weights, mask), ref, (ours_in, ref_in))
+
+
+def test_result_keys_follow_task_order():
+    loss = MultiTaskLoss(["z", "a", "m"])
+    out = loss(torch.zeros(2, 3), torch.zeros(2, 3))
+    assert list(out) == ["loss/z", "loss/a", "loss/m", "loss"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lower_precision_inputs(dtype):
+    logits, labels, weights, mask = _batch(dtype=dtype)
+    x = logits.clone().requires_grad_()
+    out = MultiTaskLoss(TASKS, pos_weights=[1.0, 2.0, 0.5, 10.0, 3.0])(x, labels, weights, mask)
+    ref = multi_task_loop(
+        logits.float(), labels, weights.float(), TASKS, pos_weights=[1.0, 2.0, 0.5, 10.0, 3.0], mask=mask
+    )
+    for key in ref:
+        assert out[key].dtype == torch.float32
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-6)
+    out["loss"].backward()
+    assert x.grad.dtype == dtype
+
+
+def test_gradcheck_float64():
+    logits, labels, weights, mask = _batch(batch=6)
+    loss = MultiTaskLoss(TASKS, pos_weights=[1.0, 2.0, 0.5, 10.0, 3.0], task_weights=[1, 2, 3, 4, 5]).double()
+    x = logits.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: loss(t, labels.double(), weights, mask)["loss"], (x,))
+
+
+def test_normalize_global_without_process_group_is_local():
+    logits, labels, weights, mask = _batch()
+    local = MultiTaskLoss(TASKS).double()(logits, labels, weights, mask)
+    global_ = MultiTaskLoss(TASKS, normalize="global").double()(logits, labels, weights, mask)
+    for key in local:
+        torch.testing.assert_close(global_[key], local[key], rtol=0, atol=0)
+
+
+class TestBuffers:
+    def test_always_registered_with_ones_by_default(self):
+        loss = MultiTaskLoss(TASKS)
+        assert set(loss.state_dict()) == {"pos_weight", "task_weight"}
+        assert torch.equal(loss.pos_weight, torch.ones(5))
+        assert torch.equal(loss.task_weight, torch.ones(5))
+
+    def test_move_with_the_model_and_save_in_its_state_dict(self):
+        model = nn.Sequential(nn.Linear(3, 5))
+        model.loss = MultiTaskLoss(TASKS, pos_weights=[1, 2, 3, 4, 5])
+        model.double()
+        assert model.loss.pos_weight.dtype == torch.float64
+        state = model.state_dict()
+        assert torch.equal(state["loss.pos_weight"], torch.tensor([1.0, 2, 3, 4, 5], dtype=torch.float64))
+        assert "loss.task_weight" in state
+
+    def test_state_dict_round_trip_deepcopy_and_pickle(self):
+        logits, labels, weights, mask = _batch()
+        loss = MultiTaskLoss(TASKS, pos_weights=[1, 2, 3, 4, 5], task_weights=[5, 4, 3, 2, 1]).double()
+        expected = loss(logits, labels, weights, mask)
+        buffer = io.BytesIO()
+        torch.save(loss.state_dict(), buffer)
+        buffer.seek(0)
+        restored = MultiTaskLoss(TASKS).double()
+        restored.load_state_dict(torch.load(buffer))
+        for clone in (copy.deepcopy(loss), pickle.loads(pickle.dumps(loss)), restored):
+            out = clone(logits, labels, weights, mask)
+            for key in expected:
+                torch.testing.assert_close(out[key], expected[key])
+
+
+def test_a_model_holding_the_loss_trains():
+    torch.manual_seed(0)
+    features = torch.randn(256, 8)
+    true_weights = torch.randn(8, 3)
+    labels = (torch.rand(256, 3) < torch.sigmoid(features @ true_weights)).float()
+    mask = torch.rand(256, 3) < 0.8
+
+    class Ranker(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tower = nn.Linear(8, 3)
+            self.loss = MultiTaskLoss(["fav", "reply", "click"], pos_weights=[1.0, 2.0, 4.0])
+
+        def forward(self, x, y, m):
+            return self.loss(self.tower(x), y, mask=m)
+
+    model = Ranker()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    first = model(features, labels, mask)["loss"].item()
+    for _ in range(30):
+        optimizer.zero_grad()
+        out = model(features, labels, mask)
+        out["loss"].backward()
+        optimizer.step()
+    last = model(features, labels, mask)["loss"].item()
+    assert last < 0.8 * first
+    assert torch.equal(model.loss.pos_weight, torch.tensor([1.0, 2.0, 4.0]))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    logits, labels, weights, mask = _batch(dtype=torch.float32)
+    loss = MultiTaskLoss(TASKS, pos_weights=[1.0, 2.0, 0.5, 10.0, 3.0], task_weights=[1, 1, 2, 1, 1])
+    compiled = torch.compile(loss, fullgraph=True)
+    eager_in, compiled_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    eager = loss(eager_in, labels, weights, mask)
+    out = compiled(compiled_in, labels, weights, mask)
+    for key in eager:
+        torch.testing.assert_close(out[key], eager[key])
+    eager["loss"].backward()
+    out["loss"].backward()
+    torch.testing.assert_close(compiled_in.grad, eager_in.grad)
+
+
+class TestWarnings:
+    @pytest.mark.parametrize(
+        ("kwargs", "name"),
+        [
+            ({"task_loss_reduction": "sum"}, "task_loss_reduction='sum'"),
+            ({"global_reduction": "median"}, "global_reduction='median'"),
+        ],
+    )
+    def test_non_mean_reduction_warns_at_construction(self, kwargs, name):
+        with pytest.warns(UserWarning, match=rf"`{name}`: only 'mean' gives DDP gradients equal"):
+            loss = MultiTaskLoss(TASKS, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            loss(torch.zeros(2, 5), torch.zeros(2, 5))
+
+    def test_mean_is_silent(self):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            MultiTaskLoss(TASKS)
+
+
+class TestErrors:
+    def test_tasks(self):
+        with pytest.raises(ValueError, match="`tasks` to name at least one task, got an empty sequence"):
+            MultiTaskLoss([])
+        with pytest.raises(
+            ValueError, match=r"unique task names, got duplicates \['fav'\] in \['fav', 'reply', 'fav'\]"
+        ):
+            MultiTaskLoss(["fav", "reply", "fav"])
+        with pytest.raises(TypeError, match="`tasks` to be a sequence of task names, got str"):
+            MultiTaskLoss("fav")
+        with pytest.raises(ValueError, match=r"every task name to be a non-empty str, got \[''\]"):
+            MultiTaskLoss(["fav", ""])
+
+    @pytest.mark.parametrize("name", ["pos_weights", "task_weights"])
+    def test_per_task_weights(self, name):
+        with pytest.raises(ValueError, match=rf"`{name}` to have one value per task \(5\), got 3"):
+            MultiTaskLoss(TASKS, **{name: [1.0, 2.0, 3.0]})
+        with pytest.raises(ValueError, match=rf"`{name}` to be non-negative and finite, got \[1.0, -1.0"):
+            MultiTaskLoss(TASKS, **{name: [1.0, -1.0, 1.0, 1.0, 1.0]})
+        with pytest.raises(ValueError, match=rf"`{name}` to be non-negative and finite, got \[nan"):
+            MultiTaskLoss(TASKS, **{name: [float("nan")] * 5})
+
+    def test_unknown_reductions_and_loss_type(self):
+        with pytest.raises(ValueError, match=r"`task_loss_reduction` to be one of \('mean', 'sum'\), got 'max'"):
+            MultiTaskLoss(TASKS, task_loss_reduction="max")  # type: ignore[arg-type]
+        with pytest.raises(
+            ValueError, match=r"`global_reduction` to be one of \('mean', 'sum', 'min', 'max', 'median'\), got 'avg'"
+        ):
+            MultiTaskLoss(TASKS, global_reduction="avg")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"`normalize` to be one of \('local', 'global'\), got 'world'"):
+            MultiTaskLoss(TASKS, normalize="world")  # type: ignore[arg-type]
+        with pytest.raises(
+            ValueError, match=r"`loss_type` to be one of \('cross_entropy', 'bce_with_logits'\), got 'hinge'"
+        ):
+            MultiTaskLoss(TASKS, loss_type="hinge")
+
+    def test_pos_weights_with_cross_entropy(self):
+        with pytest.raises(ValueError, match="`pos_weights` apply to BCE tasks only"):
+            MultiTaskLoss(TASKS, loss_type=LossType.CROSS_ENTROPY, pos_weights=[1.0] * 5)
+
+    def test_logits_task_dimension(self):
+        with pytest.raises(ValueError, match=r"`logits` to have 5 tasks in dimension 1 .*got 4 \(shape \(8, 4\)\)"):
+            MultiTaskLoss(TASKS)(torch.zeros(8, 4), torch.zeros(8, 4))
+        with pytest.raises(ValueError, match=r"`logits` of shape \[B, T\], got \(8,\)"):
+            MultiTaskLoss(TASKS)(torch.zeros(8), torch.zeros(8))
+        with pytest.raises(ValueError, match=r"`logits` of shape \[B, T, C\], got \(8, 5\)"):
+            MultiTaskLoss(TASKS, loss_type="cross_entropy")(torch.zeros(8, 5), torch.zeros(8, 5, dtype=torch.long))
+
+    def test_labels_weights_mask_shapes(self):
+        loss = MultiTaskLoss(TASKS)
+        x = torch.zeros(8, 5)
+        with pytest.raises(ValueError, match=r"`labels` to have the shape of `logits` \(8, 5\), got \(8, 4\)"):
+            loss(x, torch.zeros(8, 4))
+        with pytest.raises(ValueError, match=r"`weights` of shape \[B, T\] \(8, 5\) or \[B\] \(8,\), got \(5,\)"):
+            loss(x, x, torch.ones(5))
+        with pytest.raises(ValueError, match=r"`mask` to have the shape of `logits` \(8, 5\), got \(8, 1\)"):
+            loss(x, x, mask=torch.ones(8, 1, dtype=torch.bool))
+        with pytest.raises(TypeError, match="`mask` to be a bool tensor, got dtype torch.float32"):
+            loss(x, x, mask=torch.ones(8, 5))
+
+    def test_cross_entropy_labels(self):
+        loss = MultiTaskLoss(TASKS, loss_type="cross_entropy")
+        with pytest.raises(
+            TypeError, match="cross-entropy `labels` to be integer class indices, got dtype torch.float32"
+        ):
+            loss(torch.zeros(8, 5, 3), torch.zeros(8, 5))
+        with pytest.raises(
+            ValueError,
+            match=r"`labels` to have the shape of `logits without the class dimension` \(8, 5\), got \(8, 5, 3\)",
+        ):
+            loss(torch.zeros(8, 5, 3), torch.zeros(8, 5, 3, dtype=torch.long))
