@@ -25,5 +25,8 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check losses tests benchmarks docs
 	$(BIN)/mypy
 
+docs: $(VENV)/.installed-docs
+	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info docs/_build
