@@ -4,6 +4,7 @@ from losses.bce import BCEWithLogitsLoss
 from losses.builders import build_loss, build_multi_task_loss, get_global_loss_detached
 from losses.cross_entropy import CrossEntropyLoss
 from losses.loss_type import LossType
+from losses.metrics import GlobalLoss, MultiTaskGlobalLoss
 from losses.multi_task import MultiTaskLoss
 
 __version__ = "0.1.0"
@@ -11,7 +12,9 @@ __version__ = "0.1.0"
 __all__ = [
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
+    "GlobalLoss",
     "LossType",
+    "MultiTaskGlobalLoss",
     "MultiTaskLoss",
     "__version__",
     "build_loss",

@@ -93,3 +93,19 @@ def check_floating(name: str, tensor: torch.Tensor) -> None:
     """Raise a ``TypeError`` unless ``tensor`` holds floating point numbers."""
     if not tensor.is_floating_point():
         raise TypeError(f"Expected `{name}` to be a floating point tensor, got dtype {tensor.dtype}.")
+
+
+def task_names(tasks: Sequence[str]) -> tuple[str, ...]:
+    """Return the task names as a tuple: a non-empty sequence of distinct, non-empty strings."""
+    if isinstance(tasks, str) or not isinstance(tasks, Sequence):
+        raise TypeError(f"Expected `tasks` to be a sequence of task names, got {type(tasks).__name__}.")
+    names = tuple(tasks)
+    if not names:
+        raise ValueError("Expected `tasks` to name at least one task, got an empty sequence.")
+    bad = [name for name in names if not isinstance(name, str) or not name]
+    if bad:
+        raise ValueError(f"Expected every task name to be a non-empty str, got {bad!r}.")
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"Expected unique task names, got duplicates {duplicates} in {list(names)}.")
+    return names

@@ -33,21 +33,6 @@ def warn_unless_mean(name: str, reduction: str) -> None:
         )
 
 
-def _task_names(tasks: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(tasks, str) or not isinstance(tasks, Sequence):
-        raise TypeError(f"Expected `tasks` to be a sequence of task names, got {type(tasks).__name__}.")
-    names = tuple(tasks)
-    if not names:
-        raise ValueError("Expected `tasks` to name at least one task, got an empty sequence.")
-    bad = [name for name in names if not isinstance(name, str) or not name]
-    if bad:
-        raise ValueError(f"Expected every task name to be a non-empty str, got {bad!r}.")
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise ValueError(f"Expected unique task names, got duplicates {duplicates} in {list(names)}.")
-    return names
-
-
 def _per_task(name: str, value: Optional[v.TensorLike], num_tasks: int) -> torch.Tensor:
     tensor = v.weight_tensor(name, value)
     if tensor is None:
@@ -128,7 +113,7 @@ class MultiTaskLoss(nn.Module):
         normalize: Normalize = "local",
     ) -> None:
         super().__init__()
-        self.tasks = _task_names(tasks)
+        self.tasks = v.task_names(tasks)
         self.loss_type = parse_loss_type(loss_type)
         if pos_weights is not None and self.loss_type is LossType.CROSS_ENTROPY:
             raise ValueError("`pos_weights` apply to BCE tasks only; got them with loss_type 'cross_entropy'.")

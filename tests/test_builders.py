@@ -72,7 +72,7 @@ class TestBuildMultiTaskLoss:
         assert loss.pos_weight is buffer
 
     def test_warns_for_each_non_mean_reduction(self):
-        with pytest.warns(UserWarning) as record:
+        with pytest.warns(UserWarning, match="only .mean. gives DDP gradients") as record:
             build_multi_task_loss(LossType.BCE_WITH_LOGITS, TASKS, "sum", "max")
         assert [str(w.message).split(":")[0] for w in record] == [
             "`task_loss_reduction='sum'`",
