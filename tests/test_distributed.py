@@ -1,0 +1,208 @@
+"""Behaviour across real gloo ranks: metrics, get_global_loss_detached and DDP gradients."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from losses import GlobalLoss, MultiTaskGlobalLoss, MultiTaskLoss, get_global_loss_detached
+
+TASKS = ["fav", "reply", "click"]
+
+
+def _rank_updates(rank):
+    """Rank ``rank``'s (loss, batch size, per-task losses) updates: ranks differ in count and batch size."""
+    gen = torch.Generator().manual_seed(100 + rank)
+    updates = []
+    for step in range(rank + 2):
+        per_task = torch.rand(len(TASKS), generator=gen, dtype=torch.float64)
+        updates.append((per_task.mean().item(), 8 * (rank + 1) + step, per_task.tolist()))
+    return updates
+
+
+def _metrics_on_ranks(rank, world_size):
+    global_loss, global_sum = GlobalLoss(), GlobalLoss(reduction="sum")
+    per_task = MultiTaskGlobalLoss(TASKS)
+    for loss, batch, task_losses in _rank_updates(rank):
+        global_loss.update(torch.tensor(loss, dtype=torch.float64), batch)
+        global_sum.update(torch.tensor(loss, dtype=torch.float64), batch)
+        losses = {f"loss/{t}": torch.tensor(v, dtype=torch.float64) for t, v in zip(TASKS, task_losses, strict=True)}
+        losses["loss"] = torch.tensor(loss, dtype=torch.float64)
+        per_task.update(losses, weight=batch)
+
+    local = torch.tensor(float(rank + 1), requires_grad=True) * 2
+    before = local.detach().clone()
+    mean = get_global_loss_detached(local)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        total = get_global_loss_detached(local, reduction="sum")
+
+    on_step = GlobalLoss(dist_sync_on_step=True)
+    step_value = on_step(torch.tensor(float(rank)), weight=rank + 1)
+    return {
+        "mean": global_loss.compute().item(),
+        "sum": global_sum.compute().item(),
+        "per_task": {k: v.item() for k, v in per_task.compute().items()},
+        "detached_mean": mean.item(),
+        "detached_sum": total.item(),
+        "input_unchanged": torch.equal(local.detach(), before) and local.requires_grad,
+        "step_value": step_value.item(),
+        "local_after_step": on_step.compute().item(),
+    }
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_metrics_and_detached_loss_match_hand_computation(ranks, world_size):
+    results = ranks(_metrics_on_ranks, world_size)
+    updates = [u for rank in range(world_size) for u in _rank_updates(rank)]
+    total_weight = sum(batch for _, batch, _ in updates)
+    weighted = math.fsum(loss * batch for loss, batch, _ in updates)
+    per_task = {
+        f"loss/{task}": math.fsum(t[i] * b for _, b, t in updates) / total_weight for i, task in enumerate(TASKS)
+    }
+    per_task["loss"] = weighted / total_weight
+    locals_ = [2.0 * (rank + 1) for rank in range(world_size)]
+    step_expected = sum(r * (r + 1) for r in range(world_size)) / sum(r + 1 for r in range(world_size))
+    for result in results:
+        assert result["mean"] == pytest.approx(weighted / total_weight, rel=1e-12)
+        assert result["sum"] == pytest.approx(weighted, rel=1e-12)
+        assert result["per_task"] == pytest.approx(per_task, rel=1e-12)
+        assert list(result["per_task"]) == [*(f"loss/{t}" for t in TASKS), "loss"]
+        assert result["detached_mean"] == pytest.approx(sum(locals_) / world_size)
+        assert result["detached_sum"] == pytest.approx(sum(locals_))
+        assert result["input_unchanged"]
+        # forward() with dist_sync_on_step gives the batch value over all ranks...
+        assert result["step_value"] == pytest.approx(step_expected)
+        # ...while compute() afterwards still syncs the accumulated states (here the same batch).
+        assert result["local_after_step"] == pytest.approx(step_expected)
+
+
+def _global_batch(batch=24, features=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, features, generator=gen, dtype=torch.float64)
+    labels = (torch.rand(batch, len(TASKS), generator=gen) < 0.4).double()
+    weights = torch.rand(batch, len(TASKS), generator=gen, dtype=torch.float64) + 0.5
+    # Rank 0's rows are almost all labelled, rank 1's are sparse: counts differ by rank and task.
+    density = torch.where(torch.arange(batch) < batch // 3, 0.95, 0.3).unsqueeze(1)
+    mask = torch.rand(batch, len(TASKS), generator=gen, dtype=torch.float64) < density
+    return x, labels, weights, mask
+
+
+class _Ranker(nn.Module):
+    def __init__(self, **loss_kwargs):
+        super().__init__()
+        torch.manual_seed(0)
+        self.tower = nn.Linear(6, len(TASKS)).double()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            self.loss = MultiTaskLoss(TASKS, pos_weights=[1.0, 3.0, 0.5], **loss_kwargs).double()
+
+    def forward(self, x, labels, weights, mask):
+        return self.loss(self.tower(x), labels, weights, mask)
+
+
+def _shard_bounds(batch, world_size, equal):
+    if equal:
+        step = batch // world_size
+        return [(r * step, (r + 1) * step) for r in range(world_size)]
+    # Unequal shards: rank 0 holds a third of the rows, the rest share the remainder.
+    first = batch // 3
+    rest = (batch - first) // (world_size - 1)
+    bounds = [(0, first)]
+    for r in range(1, world_size):
+        bounds.append((first + (r - 1) * rest, batch if r == world_size - 1 else first + r * rest))
+    return bounds
+
+
+def _single_process_reference(use_mask, **loss_kwargs):
+    x, labels, weights, mask = _global_batch()
+    model = _Ranker(**loss_kwargs)
+    out = model(x, labels, weights, mask if use_mask else None)
+    out["loss"].backward()
+    return out["loss"].item(), [p.grad.clone() for p in model.tower.parameters()]
+
+
+def _ddp_step(rank, world_size, equal_shards, use_mask, loss_kwargs):
+    x, labels, weights, mask = _global_batch()
+    start, stop = _shard_bounds(x.shape[0], world_size, equal_shards)[rank]
+    model = DistributedDataParallel(_Ranker(**loss_kwargs))
+    out = model(x[start:stop], labels[start:stop], weights[start:stop], mask[start:stop] if use_mask else None)
+    out["loss"].backward()
+    return {
+        "grads": [p.grad.clone() for p in model.module.tower.parameters()],
+        "logged": get_global_loss_detached(out["loss"]).item(),
+        "pos_weight": model.module.loss.pos_weight.clone(),
+    }
+
+
+def test_ddp_mean_gradients_equal_single_process_gradients(ranks):
+    results = ranks(_ddp_step, 2, True, False, {})
+    loss, grads = _single_process_reference(use_mask=False)
+    for result in results:
+        for ours, ref in zip(result["grads"], grads, strict=True):
+            torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+        assert result["logged"] == pytest.approx(loss, rel=1e-12)
+        torch.testing.assert_close(result["pos_weight"], torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64))
+
+
+def test_ddp_sum_gradients_are_single_process_gradients_over_world_size(ranks):
+    kwargs = {"task_loss_reduction": "sum"}
+    results = ranks(_ddp_step, 2, True, False, kwargs)
+    _, grads = _single_process_reference(use_mask=False, **kwargs)
+    for result in results:
+        for ours, ref in zip(result["grads"], grads, strict=True):
+            torch.testing.assert_close(ours * 2, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_global_normalization_gives_exact_gradients_when_ranks_differ(ranks):
+    results = ranks(_ddp_step, 2, False, True, {"normalize": "global"})
+    loss, grads = _single_process_reference(use_mask=True)
+    for result in results:
+        for ours, ref in zip(result["grads"], grads, strict=True):
+            torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+        assert result["logged"] == pytest.approx(loss, rel=1e-12)
+
+
+def test_local_normalization_is_biased_when_ranks_differ(ranks):
+    results = ranks(_ddp_step, 2, False, True, {"normalize": "local"})
+    loss, grads = _single_process_reference(use_mask=True)
+    difference = max((ours - ref).abs().max().item() for ours, ref in zip(results[0]["grads"], grads, strict=True))
+    assert difference > 1e-3
+    assert results[0]["logged"] != pytest.approx(loss, rel=1e-3)
+
+
+def test_global_normalization_on_three_ranks(ranks):
+    results = ranks(_ddp_step, 3, False, True, {"normalize": "global"})
+    _, grads = _single_process_reference(use_mask=True)
+    for result in results:
+        for ours, ref in zip(result["grads"], grads, strict=True):
+            torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+
+
+def _collective_count(rank, world_size, num_tasks):
+    calls = []
+    real = dist.all_gather
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    dist.all_gather = counting
+    try:
+        metric = MultiTaskGlobalLoss([f"t{i}" for i in range(num_tasks)])
+        metric.update({key: torch.tensor(1.0) for key in metric.result_keys}, weight=rank + 1)
+        metric.compute()
+    finally:
+        dist.all_gather = real
+    return len(calls)
+
+
+def test_sync_costs_the_same_collectives_for_one_task_or_five_hundred(ranks):
+    one = ranks(_collective_count, 2, 1)
+    many = ranks(_collective_count, 2, 500)
+    assert one == many
+    assert 0 < one[0] <= 4
