@@ -6,12 +6,13 @@ half-precision inputs in float32.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from losses import _validation as v
+from losses._fused_bce import MultiTaskBCE, column_sums
 
 Reduction = Literal["mean", "sum", "none"]
 
@@ -235,49 +236,70 @@ def check_multi_task_inputs(
         v.check_same_shape("mask", mask, block, "logits" if not num_class_dims else "labels")
 
 
+def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Skipping the call when nothing changes matters for small batches, where each op counts.
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def _as_block(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    weights = weights.to(dtype)
+    weights = _as_dtype(weights, dtype)
     return weights.unsqueeze(1) if weights.ndim == 1 else weights
 
 
-def multi_task_bce_sums(
+def multi_task_bce(
     logits: torch.Tensor,
     labels: torch.Tensor,
     pos_weight: torch.Tensor,
     weights: Optional[torch.Tensor] = None,
     mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    r"""Per-task sums of binary cross-entropy over a ``[B, T]`` block.
+    scale: Union[float, torch.Tensor, None] = None,
+    task_weight: Optional[torch.Tensor] = None,
+    factor: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Per-task binary cross-entropy over a ``[B, T]`` block, and their weighted total.
 
     .. math::
-        S_t = \sum_{b} m_{bt}\, w_{bt} \left[ (1 - y_{bt}) x_{bt} - (1 + (p_t - 1) y_{bt}) \log \sigma(x_{bt}) \right]
+        L_t = s_t \sum_{b} m_{bt}\, w_{bt} \left[ (1 - y_{bt}) x_{bt}
+              - (1 + (p_t - 1) y_{bt}) \log \sigma(x_{bt}) \right],
+        \qquad L = f \sum_t \tau_t L_t
 
-    which is :math:`\sum_b m_{bt} w_{bt} \ell_{bt}` with :math:`\ell` the element loss of
-    :func:`binary_cross_entropy_with_logits`. Entries where ``mask`` is false contribute nothing to
-    the sum or the gradient, whatever their label holds.
+    The bracket is the element loss of :func:`binary_cross_entropy_with_logits`. Entries where
+    ``mask`` is false contribute nothing to the losses or the gradient, whatever their label
+    holds (NaN included). One autograd node with an analytic gradient: no loop over tasks and no
+    ``[B, T]`` intermediate kept for backward.
+
+    Args:
+        scale: :math:`s`, a float or a ``(T)`` tensor (one over the labelled count for a mean);
+            ``None`` for 1, the plain sums.
+        task_weight: :math:`\tau`, ``(T)``; ``None`` for ones.
+        factor: :math:`f`, e.g. ``1 / T`` for the mean over tasks; ``None`` skips :math:`L`
+            (returned as 0).
 
     Shape:
         - logits, labels, mask: ``(B, T)``; weights: ``(B, T)`` or ``(B)``; pos_weight: ``(T)``.
-        - output: ``(T)``, float32 for half-precision logits.
+        - output: ``(T)`` and a scalar, float32 for half-precision logits.
 
     Example:
         >>> logits = torch.tensor([[0.0, 1.0], [0.0, -1.0]])
         >>> labels = torch.tensor([[1.0, 0.0], [0.0, float("nan")]])
         >>> mask = torch.tensor([[True, True], [True, False]])
-        >>> multi_task_bce_sums(logits, labels, torch.ones(2), mask=mask)
-        tensor([1.3863, 1.3133])
+        >>> multi_task_bce(logits, labels, torch.ones(2), mask=mask, factor=0.5)
+        (tensor([1.3863, 1.3133]), tensor(1.3498))
     """
     dtype = compute_dtype(logits.dtype)
-    logits = logits.to(dtype)
-    labels = labels.to(dtype)
-    if mask is not None:
-        labels = torch.where(mask, labels, 0.0)
-    elements = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=pos_weight.to(dtype), reduction="none")
-    if weights is not None:
-        elements = elements * _as_block(weights, dtype)
-    if mask is not None:
-        elements = elements * mask
-    return elements.sum(0)
+    if task_weight is None:
+        task_weight = torch.ones_like(pos_weight, dtype=dtype)
+    result: tuple[torch.Tensor, torch.Tensor] = MultiTaskBCE.apply(  # type: ignore[no-untyped-call]
+        _as_dtype(logits, dtype),
+        _as_dtype(labels, dtype),
+        None if weights is None else _as_block(weights, dtype),
+        mask,
+        _as_dtype(pos_weight, dtype),
+        scale,
+        _as_dtype(task_weight, dtype),
+        factor,
+    )
+    return result
 
 
 def multi_task_cross_entropy_sums(
@@ -317,7 +339,9 @@ def task_counts(mask: Optional[torch.Tensor], batch: int, num_tasks: int, like: 
     """How many entries of each task are labelled: ``mask.sum(0)``, or the batch size without a mask."""
     if mask is None:
         return torch.full((num_tasks,), float(batch), dtype=like.dtype, device=like.device)
-    return mask.sum(0).to(like.dtype)
+    # Summing the mask as floats: a bool reduction over rows is many times slower on the CPU.
+    # Counts stay exact integers in float32 up to 2**24 rows.
+    return column_sums(mask.to(like.dtype))
 
 
 GlobalReduction = Literal["mean", "sum", "min", "max", "median"]

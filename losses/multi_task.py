@@ -128,6 +128,10 @@ class MultiTaskLoss(nn.Module):
         self.register_buffer("pos_weight", _per_task("pos_weights", pos_weights, num_tasks))
         self.register_buffer("task_weight", _per_task("task_weights", task_weights, num_tasks))
         self._keys = tuple(f"loss/{task}" for task in self.tasks)
+        # mean and sum over tasks are a weighted sum, which the fused BCE computes itself;
+        # min, max and median are taken from the task losses.
+        factors = {"mean": 1.0 / num_tasks, "sum": 1.0}
+        self._global_factor: Optional[float] = factors.get(self.global_reduction)
         warn_unless_mean("task_loss_reduction", self.task_loss_reduction)
         warn_unless_mean("global_reduction", self.global_reduction)
 
@@ -147,19 +151,42 @@ class MultiTaskLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         cross_entropy = self.loss_type is LossType.CROSS_ENTROPY
         functional.check_multi_task_inputs(logits, labels, weights, mask, len(self.tasks), int(cross_entropy))
+        scale = self._task_scale(mask, logits)
         if cross_entropy:
-            sums = functional.multi_task_cross_entropy_sums(logits, labels, weights, mask)
+            task_losses = functional.multi_task_cross_entropy_sums(logits, labels, weights, mask)
+            if scale is not None:
+                task_losses = task_losses * scale
+            total = functional.reduce_tasks(task_losses, self.task_weight, self.global_reduction)
+        elif len(self.tasks) == 1 and mask is None and (self.normalize == "local" or not distributed.is_distributed()):
+            # One task has nothing to fuse: torch's own BCE call, which reduces in C++, is the
+            # cheapest way, and it is the same math.
+            if weights is not None and weights.ndim == 1:
+                weights = weights.unsqueeze(1)
+            task_loss = functional.binary_cross_entropy_with_logits(
+                logits, labels, weights, self.pos_weight, reduction=self.task_loss_reduction
+            )
+            return {self._keys[0]: task_loss, "loss": task_loss * self.task_weight.squeeze(0)}
         else:
-            sums = functional.multi_task_bce_sums(logits, labels, self.pos_weight, weights, mask)
-        task_losses = self._normalize(sums, mask, logits.shape[0])
+            task_losses, total = functional.multi_task_bce(
+                logits, labels, self.pos_weight, weights, mask, scale, self.task_weight, self._global_factor
+            )
+            if self._global_factor is None:
+                total = functional.reduce_tasks(task_losses, self.task_weight, self.global_reduction)
         losses = dict(zip(self._keys, task_losses.unbind(), strict=True))
-        losses["loss"] = functional.reduce_tasks(task_losses, self.task_weight, self.global_reduction)
+        losses["loss"] = total
         return losses
 
-    def _normalize(self, sums: torch.Tensor, mask: Optional[torch.Tensor], batch: int) -> torch.Tensor:
+    def _task_scale(self, mask: Optional[torch.Tensor], logits: torch.Tensor) -> Union[float, torch.Tensor, None]:
+        """What multiplies each task's sum: one over its labelled count for ``mean``, nothing for ``sum``."""
         if self.task_loss_reduction == "sum":
-            return sums
-        counts = functional.task_counts(mask, batch, len(self.tasks), like=sums)
+            return None
+        batch = logits.shape[0]
+        dtype = functional.compute_dtype(logits.dtype)
         if self.normalize == "global" and distributed.is_distributed():
-            return functional.safe_divide(sums * distributed.world_size(), distributed.all_reduce_sum(counts))
-        return functional.safe_divide(sums, counts)
+            counts = functional.task_counts(mask, batch, len(self.tasks), like=logits.new_empty(0, dtype=dtype))
+            # An empty task's sum is 0, so dividing it by 1 instead of 0 gives the 0 we want.
+            return distributed.world_size() / distributed.all_reduce_sum(counts).clamp_min(1)
+        if mask is None:
+            return 1.0 / max(batch, 1)
+        counts = functional.task_counts(mask, batch, len(self.tasks), like=logits.new_empty(0, dtype=dtype))
+        return counts.clamp_min(1).reciprocal()

@@ -64,6 +64,30 @@ def test_matches_the_ancestors_loop(task_loss_reduction, global_reduction, use_p
 
 
 @pytest.mark.parametrize("task_loss_reduction", TASK_REDUCTIONS)
+@pytest.mark.parametrize("global_reduction", GLOBAL_REDUCTIONS)
+@pytest.mark.parametrize("weights_shape", [None, "BT", "B"])
+def test_a_single_task_matches_the_loop(task_loss_reduction, global_reduction, weights_shape):
+    logits, labels, weights, mask = _batch(tasks=1)
+    weights = {None: None, "BT": weights, "B": weights[:, 0]}[weights_shape]
+    ours_in, ref_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    loss = _quiet(
+        tasks=["fav"],
+        pos_weights=[3.0],
+        task_weights=[0.5],
+        task_loss_reduction=task_loss_reduction,
+        global_reduction=global_reduction,
+    ).double()
+    ref = multi_task_loop(
+        ref_in, labels, weights, ["fav"], task_loss_reduction, global_reduction, [3.0], task_weights=[0.5]
+    )
+    _assert_same(loss(ours_in, labels, weights), ref, (ours_in, ref_in))
+    masked = multi_task_loop(
+        ref_in, labels, weights, ["fav"], task_loss_reduction, global_reduction, [3.0], mask=mask, task_weights=[0.5]
+    )
+    _assert_same(loss(ours_in, labels, weights, mask), masked, (ours_in, ref_in))
+
+
+@pytest.mark.parametrize("task_loss_reduction", TASK_REDUCTIONS)
 @pytest.mark.parametrize("global_reduction", ["mean", "median"])
 def test_mask_selects_labelled_entries(task_loss_reduction, global_reduction):
     logits, labels, weights, mask = _batch()
@@ -150,13 +174,14 @@ def test_result_keys_follow_task_order():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_lower_precision_inputs(dtype):
-    logits, labels, weights, mask = _batch(dtype=dtype)
+@pytest.mark.parametrize(("tasks", "use_mask"), [(TASKS, True), (TASKS[:1], False)])
+def test_lower_precision_inputs(dtype, tasks, use_mask):
+    logits, labels, weights, mask = _batch(tasks=len(tasks), dtype=dtype)
+    mask = mask if use_mask else None
+    pos_weights = [1.0, 2.0, 0.5, 10.0, 3.0][: len(tasks)]
     x = logits.clone().requires_grad_()
-    out = MultiTaskLoss(TASKS, pos_weights=[1.0, 2.0, 0.5, 10.0, 3.0])(x, labels, weights, mask)
-    ref = multi_task_loop(
-        logits.float(), labels, weights.float(), TASKS, pos_weights=[1.0, 2.0, 0.5, 10.0, 3.0], mask=mask
-    )
+    out = MultiTaskLoss(tasks, pos_weights=pos_weights)(x, labels, weights, mask)
+    ref = multi_task_loop(logits.float(), labels, weights.float(), tasks, pos_weights=pos_weights, mask=mask)
     for key in ref:
         assert out[key].dtype == torch.float32
         torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,260 @@
+"""`make bench`: MultiTaskLoss against the ancestor's loop and the fused floor, and metric sync cost.
+
+Every number is a ratio of medians measured in this one process with interleaved rounds, so the
+machine's speed cancels out. Writes the tables to docs/performance.md (``--output``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torchmetrics
+
+import losses
+from benchmarks.memory import peak_bytes
+from benchmarks.references import ancestor_loop, fused_floor
+from benchmarks.timing import interleaved_medians
+from losses import MultiTaskGlobalLoss, MultiTaskLoss
+
+BATCHES = (512, 4096, 65536)
+TASK_COUNTS = (1, 4, 16, 64)
+SYNC_TASK_COUNTS = (1, 64, 512)
+
+
+def _inputs(batch: int, tasks: int, seed: int = 0) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(seed)
+    rates = torch.logspace(-0.5, -2.3, tasks)  # positive rates from about 30% down to 0.5%
+    return {
+        "logits": torch.randn(batch, tasks, generator=gen).requires_grad_(),
+        "labels": (torch.rand(batch, tasks, generator=gen) < rates).float(),
+        "weights": torch.rand(batch, tasks, generator=gen) + 0.5,
+        "mask": torch.rand(batch, tasks, generator=gen) < 0.8,
+        "pos_weights": (1.0 / rates).sqrt().tolist(),
+    }
+
+
+def _backward_step(logits: torch.Tensor, forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    def step() -> None:
+        logits.grad = None
+        forward().backward()
+
+    return step
+
+
+def _candidates(batch: int, tasks: int, compiled: bool) -> dict[str, Callable[[], None]]:
+    data = _inputs(batch, tasks)
+    x, y, w, m = data["logits"], data["labels"], data["weights"], data["mask"]
+    names = [f"task{i}" for i in range(tasks)]
+    loss = MultiTaskLoss(names, pos_weights=data["pos_weights"])
+    steps = {
+        "loop": _backward_step(x, lambda: ancestor_loop(x, y, w, names, data["pos_weights"])["loss"]),
+        "floor": _backward_step(x, lambda: fused_floor(x, y)),
+        "ours": _backward_step(x, lambda: loss(x, y, w)["loss"]),
+        "ours_mask": _backward_step(x, lambda: loss(x, y, w, m)["loss"]),
+    }
+    if compiled:
+        torch._dynamo.reset()  # each shape compiles afresh, within dynamo's recompile limit
+        fast = torch.compile(loss, dynamic=False)
+        steps["compiled"] = _backward_step(x, lambda: fast(x, y, w)["loss"])
+        steps["compiled_mask"] = _backward_step(x, lambda: fast(x, y, w, m)["loss"])
+    return steps
+
+
+def bench_losses(compiled: bool, rounds: int) -> list[dict[str, Any]]:
+    rows = []
+    for batch in BATCHES:
+        for tasks in TASK_COUNTS:
+            steps = _candidates(batch, tasks, compiled)
+            seconds = interleaved_medians(steps, rounds)
+            unit = batch * tasks * 4  # bytes of one [B, T] float32 tensor
+            memory = {name: peak_bytes(steps[name]) for name in ("floor", "ours", "ours_mask")}
+            rows.append(
+                {
+                    "B": batch,
+                    "T": tasks,
+                    "seconds": seconds,
+                    "memory": {name: None if b is None else b / unit for name, b in memory.items()},
+                }
+            )
+            print(
+                f"  B={batch:>6} T={tasks:>3}: ours/floor {seconds['ours'] / seconds['floor']:.2f}, "
+                f"loop/ours {seconds['loop'] / seconds['ours']:.1f}",
+                flush=True,
+            )
+    return rows
+
+
+def _sync_on_rank(
+    rank: int, world_size: int, task_counts: tuple[int, ...], repeats: int
+) -> dict[int, dict[str, float]]:
+    results = {}
+    for tasks in task_counts:
+        metric = MultiTaskGlobalLoss([f"task{i}" for i in range(tasks)])
+        losses_ = {key: torch.tensor(0.5) for key in metric.result_keys}
+        update, compute = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            metric.update(losses_, weight=64)
+            update.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            metric.compute()  # syncs the two states across ranks
+            compute.append(time.perf_counter() - start)
+        results[tasks] = {"update": statistics.median(update), "compute": statistics.median(compute)}
+    return results
+
+
+def bench_sync(repeats: int) -> Optional[dict[int, dict[str, float]]]:
+    from tests.conftest import run_on_ranks  # the same gloo rank runner the tests use
+
+    per_rank = run_on_ranks(_sync_on_rank, 2, SYNC_TASK_COUNTS, repeats, timeout=300)
+    return {
+        tasks: {kind: max(rank[tasks][kind] for rank in per_rank) for kind in ("update", "compute")}
+        for tasks in SYNC_TASK_COUNTS
+    }
+
+
+def _fmt(value: Optional[float], digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {torch.get_num_threads()} threads; Python {platform.python_version()}, torch {torch.__version__}, "
+        f"torchmetrics {torchmetrics.__version__}, losses {losses.__version__}; "
+        f"{datetime.date.today().isoformat()}"
+    )
+
+
+def render(rows: list[dict[str, Any]], sync: Optional[dict[int, dict[str, float]]], compiled: bool) -> str:
+    out = [
+        "# Performance",
+        "",
+        f"Measured by `make bench` on {_machine()}.",
+        "",
+        "Forward and backward of the loss, float32, eager unless stated. Each cell is a ratio of the median",
+        "time per call over interleaved rounds in one process. `ours` is `MultiTaskLoss` with pos_weights and",
+        "per-sample weights; `loop` is the ancestor's per-task loop with the same inputs; `floor` is one",
+        "unweighted `binary_cross_entropy_with_logits` over the `[B, T]` block (mean, backward), which",
+        "gives no per-task values, weights or masks. `mask` adds a mask with 80% of entries labelled.",
+        "",
+    ]
+    header = "| B | T | floor (µs) | ours / floor | loop / ours | mask / floor |"
+    rule = "| ---: | ---: | ---: | ---: | ---: | ---: |"
+    if compiled:
+        header += " compiled / floor | compiled mask / floor |"
+        rule += " ---: | ---: |"
+    out += [header, rule]
+    for row in rows:
+        s = row["seconds"]
+        line = (
+            f"| {row['B']} | {row['T']} | {s['floor'] * 1e6:.0f} | {s['ours'] / s['floor']:.2f} | "
+            f"{s['loop'] / s['ours']:.1f} | {s['ours_mask'] / s['floor']:.2f} |"
+        )
+        if compiled:
+            line += f" {s['compiled'] / s['floor']:.2f} | {s['compiled_mask'] / s['floor']:.2f} |"
+        out.append(line)
+    out += [
+        "",
+        "## Peak memory",
+        "",
+        "Peak bytes allocated during one forward and backward beyond the inputs, in units of one `[B, T]`",
+        "float32 tensor. The gradient of the logits (one unit) is included in every column.",
+        "",
+        "| B | T | floor | ours | ours with mask |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        mem = row["memory"]
+        out.append(
+            f"| {row['B']} | {row['T']} | {_fmt(mem['floor'])} | {_fmt(mem['ours'])} | {_fmt(mem['ours_mask'])} |"
+        )
+    if sync is not None:
+        out += [
+            "",
+            "## MultiTaskGlobalLoss on 2 gloo ranks",
+            "",
+            "Median time per call on the slower rank: `update` records one dict of losses, `compute` syncs",
+            "the states across the ranks (torchmetrics' all_gather of two tensors) and divides.",
+            "",
+            "| T | update (µs) | compute with sync (µs) |",
+            "| ---: | ---: | ---: |",
+        ]
+        for tasks, cost in sync.items():
+            out.append(f"| {tasks} | {cost['update'] * 1e6:.0f} | {cost['compute'] * 1e6:.0f} |")
+    return "\n".join(out) + "\n"
+
+
+def check_targets(rows: list[dict[str, Any]], compiled: bool) -> list[str]:
+    """The targets of the speed issue, each as a PASS or FAIL line."""
+    by_shape = {(row["B"], row["T"]): row["seconds"] for row in rows}
+    lines = []
+
+    def check(label: str, ok: bool) -> None:
+        lines.append(f"{'PASS' if ok else 'FAIL'}  {label}")
+
+    for (batch, tasks), speedup, floor in (((4096, 64), 5.0, 2.0), ((65536, 16), 2.5, 2.0)):
+        s = by_shape[(batch, tasks)]
+        check(
+            f"B={batch}, T={tasks}: loop/ours {s['loop'] / s['ours']:.1f} >= {speedup}",
+            s["loop"] / s["ours"] >= speedup,
+        )
+        check(
+            f"B={batch}, T={tasks}: ours/floor {s['ours'] / s['floor']:.2f} <= {floor}", s["ours"] / s["floor"] <= floor
+        )
+    slowest = min(rows, key=lambda row: row["seconds"]["loop"] / row["seconds"]["ours"])
+    ratio = slowest["seconds"]["loop"] / slowest["seconds"]["ours"]
+    check(
+        f"never slower than the loop: worst loop/ours {ratio:.2f} at B={slowest['B']}, T={slowest['T']}", ratio >= 1.0
+    )
+    if compiled:
+        for row in rows:
+            if row["B"] == 65536 and row["T"] >= 16:
+                r = row["seconds"]["compiled"] / row["seconds"]["floor"]
+                check(f"compiled B=65536, T={row['T']}: compiled/floor {r:.2f} <= 1.2", r <= 1.2)
+    worst = max((row["memory"]["ours"] or 0.0) for row in rows)
+    worst_mask = max((row["memory"]["ours_mask"] or 0.0) for row in rows)
+    check(f"peak extra memory {worst:.2f} <= 3 [B, T] tensors", worst <= 3.0)
+    check(f"peak extra memory with a mask {worst_mask:.2f} <= 3 [B, T] tensors", worst_mask <= 3.0)
+    return lines
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=Path("docs/performance.md"), help="markdown file to write")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds (default 9)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
+    parser.add_argument("--no-sync", action="store_true", help="skip the 2-rank metric sync benchmark")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    compiled = not args.no_compile
+    print("MultiTaskLoss forward + backward:", flush=True)
+    rows = bench_losses(compiled, args.rounds)
+    sync = None if args.no_sync else bench_sync(repeats=200)
+    text = render(rows, sync, compiled)
+    targets = check_targets(rows, compiled)
+    text += "\n## Targets\n\n" + "\n".join(f"- {line}" for line in targets) + "\n"
+    print(text)
+    args.output.write_text(text)
+    print(f"written to {args.output}")
+    return 0 if all(line.startswith("PASS") for line in targets) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
