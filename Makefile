@@ -7,6 +7,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONSTRAINTS := requirements/constraints.txt
 PYTEST_ARGS ?=
+# gloo's network interface for the 2-process demo: the loopback device (lo0 on macOS).
+GLOO_IFNAME ?= lo
 
 .PHONY: test lint bench demo demo-ddp docs clean
 
@@ -21,9 +23,18 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check losses tests benchmarks docs
-	$(BIN)/ruff format --check losses tests benchmarks docs
+	$(BIN)/ruff check losses tests benchmarks demo docs
+	$(BIN)/ruff format --check losses tests benchmarks demo docs
 	$(BIN)/mypy
+
+demo: $(VENV)/.installed-demo
+	$(BIN)/python -m demo
+
+demo-ddp: $(VENV)/.installed-demo
+	GLOO_SOCKET_IFNAME=$(GLOO_IFNAME) OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node=2 -m demo
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python -m benchmarks.run --output docs/performance.md
 
 docs: $(VENV)/.installed-docs
 	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html

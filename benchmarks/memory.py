@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Optional
 
 from torch.profiler import ProfilerActivity, profile
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    # The profiler's C++ side prints start/stop lines straight to file descriptor 2.
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def peak_bytes(fn: Callable[[], object]) -> Optional[int]:
@@ -15,11 +32,10 @@ def peak_bytes(fn: Callable[[], object]) -> Optional[int]:
     try:
         from torch.profiler._memory_profiler import Action  # private: may move between torch versions
 
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _native_stderr_silenced():
             warnings.simplefilter("ignore")
-            with profile(
-                activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
-            ) as prof:
+            activities = [ProfilerActivity.CPU]
+            with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
                 fn()
             timeline = prof._memory_profile().timeline
     except (ImportError, AttributeError, RuntimeError):

@@ -226,6 +226,14 @@ def check_multi_task_inputs(
         v.check_same_shape("labels", labels, block, "logits without the class dimension")
     else:
         v.check_same_shape("labels", labels, block, "logits")
+    if not num_class_dims:
+        # The fused BCE gradient covers the logits only; a label or weight gradient would be missing.
+        for name, tensor in (("labels", labels), ("weights", weights)):
+            if tensor is not None and tensor.requires_grad:
+                raise ValueError(
+                    f"Expected `{name}` not to require grad: MultiTaskLoss (BCE) differentiates with respect "
+                    f"to `logits` only. Pass `{name}.detach()`."
+                )
     if weights is not None and weights.shape not in (block, block[:1]):
         raise ValueError(
             f"Expected `weights` of shape [B, T] {tuple(block)} or [B] {tuple(block[:1])}, got {tuple(weights.shape)}."

@@ -359,6 +359,14 @@ class TestErrors:
         with pytest.raises(TypeError, match="`mask` to be a bool tensor, got dtype torch.float32"):
             loss(x, x, mask=torch.ones(8, 5))
 
+    def test_labels_or_weights_that_require_grad(self):
+        loss = MultiTaskLoss(TASKS)
+        x = torch.zeros(8, 5)
+        with pytest.raises(ValueError, match=r"`labels` not to require grad: .* Pass `labels.detach\(\)`"):
+            loss(x, torch.zeros(8, 5, requires_grad=True))
+        with pytest.raises(ValueError, match="`weights` not to require grad"):
+            loss(x, x, torch.ones(8, requires_grad=True))
+
     def test_cross_entropy_labels(self):
         loss = MultiTaskLoss(TASKS, loss_type="cross_entropy")
         with pytest.raises(

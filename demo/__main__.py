@@ -1,0 +1,3 @@
+from demo.train import main
+
+raise SystemExit(main())
