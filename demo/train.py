@@ -140,6 +140,7 @@ def train(args: argparse.Namespace) -> int:
     data = EngagementModel(args.tasks, args.features, seed=args.seed)
     tasks = [name for name, _ in ENGAGEMENTS[: args.tasks]]
     ranker = Ranker(args.features, tasks, _pos_weights(data, args.tasks), distributed=world > 1)
+    # [ddp-start]
     model: nn.Module = DistributedDataParallel(ranker) if world > 1 else ranker
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     global_loss = MultiTaskGlobalLoss(tasks)  # synced across ranks by torchmetrics
@@ -162,21 +163,23 @@ def train(args: argparse.Namespace) -> int:
         losses["loss"].backward()
         optimizer.step()
         global_loss.update(losses, weight=args.batch_size)
+        # [ddp-end]
         if world > 1:
             local_loss.update(own_mean(logits.detach(), batch.labels, batch.weights, batch.mask), args.batch_size)
         if step % args.log_every == 0 or step == args.steps:
             window = global_loss.compute()
-            mine = local_loss.compute()
             global_loss.reset()
-            local_loss.reset()
             curve.add(step, window)
             line = f"step {step:>5}: global loss {window['loss'].item():.4f}"
             if world > 1:
-                line += f" | rank {rank} local {mine['loss'].item():.4f}"
+                line += f" | rank {rank} local {local_loss.compute()['loss'].item():.4f}"
+                local_loss.reset()
                 # Every rank reports its own line; gather them so rank 0 prints them together.
                 lines: list[Optional[str]] = [None] * world
                 dist.all_gather_object(lines, line)
                 line = "\n".join(str(entry) for entry in lines)
+            else:
+                line += " (" + ", ".join(f"{name} {window[f'loss/{name}'].item():.3f}" for name in tasks) + ")"
             if rank == 0:
                 (progress.write if progress else print)(line)
         if progress:

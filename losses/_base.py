@@ -1,4 +1,4 @@
-"""What every loss module shares: a validated ``reduction`` and ``label_smoothing``."""
+"""What every single-task loss module shares: a validated ``reduction`` and ``label_smoothing``."""
 
 from __future__ import annotations
 
@@ -14,11 +14,13 @@ from losses.functional import Reduction
 class _Loss(nn.Module):
     reduction: Reduction
     label_smoothing: float
+    check_inputs: bool
 
-    def __init__(self, reduction: Reduction = "mean", label_smoothing: float = 0.0) -> None:
+    def __init__(self, reduction: Reduction = "mean", label_smoothing: float = 0.0, check_inputs: bool = False) -> None:
         super().__init__()
         self.reduction = v.check_choice("reduction", reduction, v.ELEMENT_REDUCTIONS)  # type: ignore[assignment]
         self.label_smoothing = v.check_probability("label_smoothing", label_smoothing)
+        self.check_inputs = bool(check_inputs)
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}, label_smoothing={self.label_smoothing}"

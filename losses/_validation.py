@@ -109,3 +109,48 @@ def task_names(tasks: Sequence[str]) -> tuple[str, ...]:
     if duplicates:
         raise ValueError(f"Expected unique task names, got duplicates {duplicates} in {list(names)}.")
     return names
+
+
+def _first_bad(name: str, tensor: torch.Tensor, bad: torch.Tensor, expectation: str) -> None:
+    # Reading `bad` waits for the device: only called when the caller opted in to value checks.
+    count = int(bad.sum())
+    if count:
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        value = tensor[index].item()
+        raise ValueError(
+            f"Expected `{name}` to be {expectation}, got {count} entries that are not, "
+            f"the first at index {index}: {value!r}."
+        )
+
+
+def check_values(
+    name: str,
+    tensor: torch.Tensor,
+    *,
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    where: Optional[torch.Tensor] = None,
+    allowed: Optional[int] = None,
+) -> None:
+    """Opt-in value check (it synchronizes with the device): finite and within ``[low, high]``.
+
+    ``where`` restricts the check to the entries where it is true; ``allowed`` is one extra value
+    that passes (an ``ignore_index``).
+    """
+    bad = torch.zeros_like(tensor, dtype=torch.bool)
+    if tensor.is_floating_point():
+        bad |= ~torch.isfinite(tensor)
+    if low is not None:
+        bad |= tensor < low
+    if high is not None:
+        bad |= tensor > high
+    if allowed is not None:
+        bad &= tensor != allowed
+    if where is not None:
+        bad &= where
+    bounds = "finite" if tensor.is_floating_point() else "an integer"
+    if low is not None or high is not None:
+        bounds += f" in [{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+    if allowed is not None:
+        bounds += f" or {allowed}"
+    _first_bad(name, tensor, bad, bounds)

@@ -34,6 +34,9 @@ class BCEWithLogitsLoss(_Loss):
             Stored as a buffer, so it follows ``.to()`` and is saved in ``state_dict()``.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``. Default: ``"mean"``.
         label_smoothing: :math:`\varepsilon \in [0, 1]`. Default: ``0.0``.
+        check_inputs: if ``True``, ``forward`` also checks values: finite logits, labels in
+            [0, 1], non-negative finite weights. This waits for the device on every call, so it
+            is off by default; turn it on to debug a NaN. Default: ``False``.
 
     Shape:
         - logits: :math:`(*)`, floating point; float16/bfloat16 are computed in float32.
@@ -56,13 +59,20 @@ class BCEWithLogitsLoss(_Loss):
         pos_weight: Optional[v.TensorLike] = None,
         reduction: Reduction = "mean",
         label_smoothing: float = 0.0,
+        *,
+        check_inputs: bool = False,
     ) -> None:
-        super().__init__(reduction, label_smoothing)
+        super().__init__(reduction, label_smoothing, check_inputs)
         self._register_weight("pos_weight", v.weight_tensor("pos_weight", pos_weight))
 
     def forward(
         self, logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
+        if self.check_inputs:
+            v.check_values("logits", logits)
+            v.check_values("labels", labels, low=0, high=1)
+            if weights is not None:
+                v.check_values("weights", weights, low=0)
         return functional.binary_cross_entropy_with_logits(
             logits,
             labels,

@@ -37,6 +37,10 @@ class CrossEntropyLoss(_Loss):
         ignore_index: a class-index label that contributes neither loss nor gradient. Default: ``-100``.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``. Default: ``"mean"``.
         label_smoothing: :math:`\varepsilon \in [0, 1]`. Default: ``0.0``.
+        check_inputs: if ``True``, ``forward`` also checks values: finite logits, class indices
+            in ``[0, C)`` or ``ignore_index``, probabilities in [0, 1], non-negative finite
+            weights. This waits for the device on every call, so it is off by default. Default:
+            ``False``.
 
     Shape:
         - logits: :math:`(C)`, :math:`(N, C)` or :math:`(N, C, d_1, \dots, d_K)`, floating point.
@@ -60,8 +64,10 @@ class CrossEntropyLoss(_Loss):
         ignore_index: int = -100,
         reduction: Reduction = "mean",
         label_smoothing: float = 0.0,
+        *,
+        check_inputs: bool = False,
     ) -> None:
-        super().__init__(reduction, label_smoothing)
+        super().__init__(reduction, label_smoothing, check_inputs)
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"Expected `ignore_index` to be an int, got {type(ignore_index).__name__}.")
         self.ignore_index = ignore_index
@@ -73,6 +79,8 @@ class CrossEntropyLoss(_Loss):
     def forward(
         self, logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
+        if self.check_inputs:
+            self._check_values(logits, labels, weights)
         return functional.cross_entropy(
             logits,
             labels,
@@ -82,3 +90,13 @@ class CrossEntropyLoss(_Loss):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
         )
+
+    def _check_values(self, logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor]) -> None:
+        v.check_values("logits", logits)
+        if labels.is_floating_point():
+            v.check_values("labels", labels, low=0, high=1)
+        elif logits.ndim > 0:
+            classes = logits.shape[0 if logits.ndim == 1 else 1]
+            v.check_values("labels", labels, low=0, high=classes - 1, allowed=self.ignore_index)
+        if weights is not None:
+            v.check_values("weights", weights, low=0)

@@ -223,7 +223,11 @@ def check_multi_task_inputs(
     if num_class_dims:
         if labels.is_floating_point() or labels.dtype == torch.bool:
             raise TypeError(f"Expected cross-entropy `labels` to be integer class indices, got dtype {labels.dtype}.")
-        v.check_same_shape("labels", labels, block, "logits without the class dimension")
+        if labels.shape != block:
+            raise ValueError(
+                f"Expected `labels` of shape [B, T] {tuple(block)} (the logits {tuple(logits.shape)} without "
+                f"their class dimension), got {tuple(labels.shape)}."
+            )
     else:
         v.check_same_shape("labels", labels, block, "logits")
     if not num_class_dims:
@@ -343,13 +347,15 @@ def multi_task_cross_entropy_sums(
     return elements.sum(0)
 
 
-def task_counts(mask: Optional[torch.Tensor], batch: int, num_tasks: int, like: torch.Tensor) -> torch.Tensor:
+def task_counts(
+    mask: Optional[torch.Tensor], batch: int, num_tasks: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """How many entries of each task are labelled: ``mask.sum(0)``, or the batch size without a mask."""
     if mask is None:
-        return torch.full((num_tasks,), float(batch), dtype=like.dtype, device=like.device)
+        return torch.full((num_tasks,), float(batch), dtype=dtype, device=device)
     # Summing the mask as floats: a bool reduction over rows is many times slower on the CPU.
     # Counts stay exact integers in float32 up to 2**24 rows.
-    return column_sums(mask.to(like.dtype))
+    return column_sums(mask.to(dtype))
 
 
 GlobalReduction = Literal["mean", "sum", "min", "max", "median"]

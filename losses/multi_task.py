@@ -77,6 +77,10 @@ class MultiTaskLoss(nn.Module):
         global_reduction: ``"mean"`` | ``"sum"`` | ``"min"`` | ``"max"`` | ``"median"`` over the
             weighted task losses. Default: ``"mean"``.
         normalize: ``"local"`` | ``"global"``, where ``mean`` counts labelled entries. Default: ``"local"``.
+        check_inputs: if ``True``, ``forward`` also checks values: finite logits, labelled
+            entries' labels in [0, 1] (BCE) or ``[0, C)`` (cross-entropy), non-negative finite
+            weights. This waits for the device on every call, so it is off by default; turn it on
+            to find where a NaN comes from. Default: ``False``.
 
     Buffers ``pos_weight`` and ``task_weight`` (shape ``[T]``) are always registered, so they follow
     ``model.to(...)`` and sit in the model's ``state_dict``. Reductions other than ``mean`` warn
@@ -111,6 +115,8 @@ class MultiTaskLoss(nn.Module):
         task_loss_reduction: TaskReduction = "mean",
         global_reduction: GlobalReduction = "mean",
         normalize: Normalize = "local",
+        *,
+        check_inputs: bool = False,
     ) -> None:
         super().__init__()
         self.tasks = v.task_names(tasks)
@@ -124,6 +130,7 @@ class MultiTaskLoss(nn.Module):
             "global_reduction", global_reduction, GLOBAL_REDUCTIONS
         )
         self.normalize: Normalize = v.check_choice("normalize", normalize, NORMALIZATIONS)  # type: ignore[assignment]
+        self.check_inputs = bool(check_inputs)
         num_tasks = len(self.tasks)
         self.register_buffer("pos_weight", _per_task("pos_weights", pos_weights, num_tasks))
         self.register_buffer("task_weight", _per_task("task_weights", task_weights, num_tasks))
@@ -151,6 +158,8 @@ class MultiTaskLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         cross_entropy = self.loss_type is LossType.CROSS_ENTROPY
         functional.check_multi_task_inputs(logits, labels, weights, mask, len(self.tasks), int(cross_entropy))
+        if self.check_inputs:
+            self._check_values(logits, labels, weights, mask)
         scale = self._task_scale(mask, logits)
         if cross_entropy:
             task_losses = functional.multi_task_cross_entropy_sums(logits, labels, weights, mask)
@@ -183,10 +192,19 @@ class MultiTaskLoss(nn.Module):
         batch = logits.shape[0]
         dtype = functional.compute_dtype(logits.dtype)
         if self.normalize == "global" and distributed.is_distributed():
-            counts = functional.task_counts(mask, batch, len(self.tasks), like=logits.new_empty(0, dtype=dtype))
+            counts = functional.task_counts(mask, batch, len(self.tasks), dtype, logits.device)
             # An empty task's sum is 0, so dividing it by 1 instead of 0 gives the 0 we want.
             return distributed.world_size() / distributed.all_reduce_sum(counts).clamp_min(1)
         if mask is None:
             return 1.0 / max(batch, 1)
-        counts = functional.task_counts(mask, batch, len(self.tasks), like=logits.new_empty(0, dtype=dtype))
+        counts = functional.task_counts(mask, batch, len(self.tasks), dtype, logits.device)
         return counts.clamp_min(1).reciprocal()
+
+    def _check_values(
+        self, logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor], mask: Optional[torch.Tensor]
+    ) -> None:
+        v.check_values("logits", logits)
+        high = logits.shape[2] - 1 if self.loss_type is LossType.CROSS_ENTROPY else 1
+        v.check_values("labels", labels, low=0, high=high, where=mask)
+        if weights is not None:
+            v.check_values("weights", weights, low=0)

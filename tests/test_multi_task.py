@@ -375,6 +375,6 @@ class TestErrors:
             loss(torch.zeros(8, 5, 3), torch.zeros(8, 5))
         with pytest.raises(
             ValueError,
-            match=r"`labels` to have the shape of `logits without the class dimension` \(8, 5\), got \(8, 5, 3\)",
+            match=r"`labels` of shape \[B, T\] \(8, 5\) \(the logits \(8, 5, 3\) without .*\), got \(8, 5, 3\)",
         ):
             loss(torch.zeros(8, 5, 3), torch.zeros(8, 5, 3, dtype=torch.long))
