@@ -7,6 +7,7 @@ its own shard (DDP, gloo) and the log shows each rank's local loss beside the gl
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import time
@@ -186,6 +187,9 @@ def train(args: argparse.Namespace) -> int:
             progress.update(1)
     if progress:
         progress.close()
+    # DDP's reducer must be gone before its process group is: gloo can abort otherwise.
+    del model, optimizer
+    gc.collect()
     if rank == 0:
         elapsed = time.perf_counter() - started
         print(f"\ntrained {args.steps} steps x {args.batch_size} rows x {world} rank(s) in {elapsed:.1f} s")
@@ -193,6 +197,7 @@ def train(args: argparse.Namespace) -> int:
         path = plot(curve, args.output)
         print(f"loss curve: {path.resolve()}" if path else "loss curve: matplotlib not installed, no plot")
     if world > 1:
+        dist.barrier()  # the other ranks wait for rank 0's evaluation, then all tear down together
         dist.destroy_process_group()
     return 0
 

@@ -77,31 +77,16 @@ def _element_gradients(
     task_scale: torch.Tensor,
 ) -> torch.Tensor:
     # dl/dx = (1 + (p - 1) y) s - p y = s - y (p + (1 - p) s) with s = sigmoid(x); the bracket is
-    # lerp(p, 1, s). Times the weight and the upstream per-task factor, built in one buffer.
+    # lerp(p, 1, s). Times the weight and the upstream per-task factor, built in one buffer. Under
+    # create_graph (double backward) the same steps run out of place, so autograd can follow them.
+    in_place = not torch.is_grad_enabled()
     grad = torch.sigmoid(x)
-    grad.addcmul_(y, torch.lerp(pos_weight, torch.ones_like(pos_weight), grad), value=-1)
-    grad.mul_(task_scale)
+    bracket = torch.lerp(pos_weight, torch.ones_like(pos_weight), grad)
+    grad = grad.addcmul_(y, bracket, value=-1).mul_(task_scale) if in_place else (grad - y * bracket) * task_scale
     if weights is not None:
-        grad.mul_(weights)
+        grad = grad.mul_(weights) if in_place else grad * weights
     if mask is not None:
-        grad.masked_fill_(mask.logical_not(), 0.0)
-    return grad
-
-
-def _differentiable_gradients(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    pos_weight: torch.Tensor,
-    weights: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor],
-    task_scale: torch.Tensor,
-) -> torch.Tensor:
-    # The same gradient without in-place work, for double backward (create_graph=True).
-    grad = (torch.sigmoid(x) * (1.0 + (pos_weight - 1.0) * y) - pos_weight * y) * task_scale
-    if weights is not None:
-        grad = grad * weights
-    if mask is not None:
-        grad = torch.where(mask, grad, torch.zeros_like(grad))
+        grad = grad.masked_fill_(mask.logical_not(), 0.0) if in_place else torch.where(mask, grad, 0.0)
     return grad
 
 
@@ -176,5 +161,4 @@ class MultiTaskBCE(torch.autograd.Function):
             upstream = upstream * scale
         if scale_tensor is not None:
             upstream = upstream * scale_tensor
-        gradients = _differentiable_gradients if torch.is_grad_enabled() else _element_gradients
-        return gradients(x, y, pos_weight, weights, mask, upstream), None, None, None, None, None, None, None
+        return _element_gradients(x, y, pos_weight, weights, mask, upstream), None, None, None, None, None, None, None

@@ -1,9 +1,12 @@
-"""Shared test helpers: running a function on real gloo ranks on this machine's CPU."""
+"""Shared test helpers: real gloo ranks on this machine's CPU, and commands with a time limit."""
 
 from __future__ import annotations
 
+import gc
 import os
+import signal
 import socket
+import subprocess
 import tempfile
 import time
 import traceback
@@ -43,12 +46,14 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str, fn: Callable
         )
         result = fn(rank, world_size, *args)
         torch.save(result, out / f"rank{rank}.pt")
+        # Tear down together: a rank that destroys its group while a peer still talks to it, or
+        # while DDP objects still hold communication threads, can abort in gloo's destructors.
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
     except BaseException:
         (out / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = RANKS_TIMEOUT) -> list[Any]:
@@ -86,3 +91,32 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: f
 def ranks() -> Callable[..., list[Any]]:
     """The :func:`run_on_ranks` runner, as a fixture for tests that need several processes."""
     return run_on_ranks
+
+
+def run_command(command: list[str], env: dict[str, str], timeout: float) -> str:
+    """Run ``command`` in its own process group; return its output, or fail with it.
+
+    The whole group is killed after ``timeout`` seconds, children (launched ranks) included.
+    """
+    process = subprocess.Popen(
+        command,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"{command} still running after {timeout:.0f} s:\n{output[-3000:]}")
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+@pytest.fixture
+def command() -> Callable[[list[str], dict[str, str], float], str]:
+    """The :func:`run_command` runner, as a fixture."""
+    return run_command

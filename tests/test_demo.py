@@ -1,29 +1,12 @@
 """The demo runs end to end, on one process and under torchrun on two, and reports a sensible table."""
 
-import os
 import re
-import signal
-import subprocess
 import sys
 
 import pytest
 
 TIMEOUT = 180
-
-
-def _run(command, extra_env=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"{command} still running after {TIMEOUT} s:\n{output[-3000:]}")
-    assert process.returncode == 0, output[-3000:]
-    return output
+ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
 
 
 def _table(output):
@@ -31,10 +14,12 @@ def _table(output):
     return {name: tuple(float(v) for v in values) for name, *values in rows}
 
 
-def test_demo_trains_towards_the_optimal_loss(tmp_path):
+def test_demo_trains_towards_the_optimal_loss(tmp_path, command):
     plot = tmp_path / "curve.png"
-    output = _run(
-        [sys.executable, "-m", "demo", "--steps", "300", "--holdout", "20000", "--no-progress", "--output", str(plot)]
+    output = command(
+        [sys.executable, "-m", "demo", "--steps", "300", "--holdout", "20000", "--no-progress", "--output", str(plot)],
+        ENV,
+        TIMEOUT,
     )
     table = _table(output)
     assert list(table) == ["click", "fav", "repost", "reply", "share"]
@@ -45,9 +30,9 @@ def test_demo_trains_towards_the_optimal_loss(tmp_path):
         assert plot.stat().st_size > 10_000
 
 
-def test_demo_under_torchrun_shows_local_and_global_losses(tmp_path):
+def test_demo_under_torchrun_shows_local_and_global_losses(tmp_path, command):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    output = _run(
+    output = command(
         [
             *torchrun,
             "-m",
@@ -64,7 +49,8 @@ def test_demo_under_torchrun_shows_local_and_global_losses(tmp_path):
             "--output",
             str(tmp_path / "curve.png"),
         ],
-        {"GLOO_SOCKET_IFNAME": "lo"},
+        ENV,
+        TIMEOUT,
     )
     lines = re.findall(r"step\s+(\d+): global loss ([\d.]+) \| rank (\d) local ([\d.]+)", output)
     assert {(step, rank) for step, _, rank, _ in lines} == {("50", "0"), ("50", "1"), ("100", "0"), ("100", "1")}

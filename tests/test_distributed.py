@@ -139,12 +139,18 @@ def _ddp_step(rank, world_size, equal_shards, use_mask, loss_kwargs):
     }
 
 
+def _assert_grads(results, grads, factor=1.0):
+    """Every rank's DDP gradients, times ``factor``, equal the single-process gradients."""
+    for result in results:
+        for ours, ref in zip(result["grads"], grads, strict=True):
+            torch.testing.assert_close(ours * factor, ref, rtol=1e-10, atol=1e-12)
+
+
 def test_ddp_mean_gradients_equal_single_process_gradients(ranks):
     results = ranks(_ddp_step, 2, True, False, {})
     loss, grads = _single_process_reference(use_mask=False)
+    _assert_grads(results, grads)
     for result in results:
-        for ours, ref in zip(result["grads"], grads, strict=True):
-            torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
         assert result["logged"] == pytest.approx(loss, rel=1e-12)
         torch.testing.assert_close(result["pos_weight"], torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64))
 
@@ -153,17 +159,14 @@ def test_ddp_sum_gradients_are_single_process_gradients_over_world_size(ranks):
     kwargs = {"task_loss_reduction": "sum"}
     results = ranks(_ddp_step, 2, True, False, kwargs)
     _, grads = _single_process_reference(use_mask=False, **kwargs)
-    for result in results:
-        for ours, ref in zip(result["grads"], grads, strict=True):
-            torch.testing.assert_close(ours * 2, ref, rtol=1e-10, atol=1e-12)
+    _assert_grads(results, grads, factor=2.0)
 
 
 def test_global_normalization_gives_exact_gradients_when_ranks_differ(ranks):
     results = ranks(_ddp_step, 2, False, True, {"normalize": "global"})
     loss, grads = _single_process_reference(use_mask=True)
+    _assert_grads(results, grads)
     for result in results:
-        for ours, ref in zip(result["grads"], grads, strict=True):
-            torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
         assert result["logged"] == pytest.approx(loss, rel=1e-12)
 
 
@@ -178,9 +181,7 @@ def test_local_normalization_is_biased_when_ranks_differ(ranks):
 def test_global_normalization_on_three_ranks(ranks):
     results = ranks(_ddp_step, 3, False, True, {"normalize": "global"})
     _, grads = _single_process_reference(use_mask=True)
-    for result in results:
-        for ours, ref in zip(result["grads"], grads, strict=True):
-            torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    _assert_grads(results, grads)
 
 
 def _collective_count(rank, world_size, num_tasks):

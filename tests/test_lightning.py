@@ -2,8 +2,6 @@
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,24 +10,10 @@ import pytest
 TIMEOUT = 240
 
 
-def test_lightning_logs_the_sample_weighted_global_loss(tmp_path):
+def test_lightning_logs_the_sample_weighted_global_loss(tmp_path, command):
     app = Path(__file__).with_name("lightning_app.py")
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    process = subprocess.Popen(
-        [sys.executable, str(app), str(tmp_path)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"Lightning run still going after {TIMEOUT} s:\n{output[-3000:]}")
-    assert process.returncode == 0, output[-3000:]
+    env = {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    command([sys.executable, str(app), str(tmp_path)], env, TIMEOUT)
 
     seen = [json.loads((tmp_path / f"seen{rank}.json").read_text()) for rank in (0, 1)]
     assert [batch for _, batch in seen[0]] == [5, 5, 5]

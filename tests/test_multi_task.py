@@ -196,6 +196,14 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda t: loss(t, labels.double(), weights, mask)["loss"], (x,))
 
 
+def test_double_backward_float64():
+    logits, labels, weights, mask = _batch(batch=6)
+    loss = MultiTaskLoss(TASKS, pos_weights=[1.0, 2.0, 0.5, 10.0, 3.0]).double()
+    x = logits.clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda t: loss(t, labels.double(), weights, mask)["loss"], (x,))
+    assert torch.autograd.gradgradcheck(lambda t: loss(t, labels.double(), weights)["loss/reply"], (x,))
+
+
 def test_normalize_global_without_process_group_is_local():
     logits, labels, weights, mask = _batch()
     local = MultiTaskLoss(TASKS).double()(logits, labels, weights, mask)
