@@ -33,7 +33,7 @@ demo: $(VENV)/.installed-demo
 demo-ddp: $(VENV)/.installed-demo
 	GLOO_SOCKET_IFNAME=$(GLOO_IFNAME) OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node=2 -m demo
 
-bench: $(VENV)/.installed-test
+bench: $(VENV)/.installed-test $(VENV)/.installed-demo
 	$(BIN)/python -m benchmarks.run --output docs/performance.md
 
 docs: $(VENV)/.installed-docs

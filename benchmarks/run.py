@@ -216,6 +216,39 @@ def render(rows: list[dict[str, Any]], sync: Optional[dict[int, dict[str, float]
     return "\n".join(out) + "\n"
 
 
+def plot(rows: list[dict[str, Any]], compiled: bool, path: Path) -> Optional[Path]:
+    """Time per call relative to the floor, by shape, as a PNG (if matplotlib is installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    series = {"per-task loop": "loop", "MultiTaskLoss": "ours", "with mask": "ours_mask"}
+    if compiled:
+        series["torch.compile"] = "compiled"
+    labels = [f"{row['B']}x{row['T']}" for row in rows]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(11, 4))
+    for index, (name, key) in enumerate(series.items()):
+        ratios = [row["seconds"][key] / row["seconds"]["floor"] for row in rows]
+        ax.bar([i + (index - (len(series) - 1) / 2) * width for i in range(len(rows))], ratios, width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.axhline(2.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(rows)), labels, rotation=45, fontsize=8)
+    ax.set_xlabel("B x T")
+    ax.set_ylabel("time / floor (log scale)")
+    ax.set_title("Forward + backward time relative to one unweighted fused BCE call (dashed: the 2x target)")
+    ax.legend(fontsize=8, ncol=len(series))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def check_targets(rows: list[dict[str, Any]], compiled: bool) -> list[str]:
     """The targets of the speed issue, each as a PASS or FAIL line."""
     by_shape = {(row["B"], row["T"]): row["seconds"] for row in rows}
@@ -264,6 +297,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = bench_losses(compiled, args.rounds)
     sync = None if args.no_sync else bench_sync(repeats=200)
     text = render(rows, sync, compiled)
+    figure = plot(rows, compiled, args.output.parent / "_static" / "performance.png")
+    if figure is not None:
+        text = text.replace("\n| B | T |", "\n![time relative to the floor](_static/performance.png)\n\n| B | T |", 1)
     targets = check_targets(rows, compiled)
     text += "\n## Targets\n\n" + "\n".join(f"- {line}" for line in targets) + "\n"
     print(text)

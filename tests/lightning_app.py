@@ -4,6 +4,7 @@ Usage: python tests/lightning_app.py OUT_DIR. Each rank writes the (loss, batch 
 rank 0 also writes what Lightning logged.
 """
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -63,6 +64,12 @@ def main(out_dir: Path) -> None:
     if trainer.global_rank == 0:
         logged = {name: value.item() for name, value in trainer.callback_metrics.items()}
         (out_dir / "logged.json").write_text(json.dumps(logged))
+    # Lightning leaves the process group up; a gloo group still alive beside a DDP model at
+    # interpreter exit can abort in its destructors, so tear down explicitly and together.
+    del trainer, model
+    gc.collect()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
