@@ -230,7 +230,6 @@ def check_multi_task_inputs(
             )
     else:
         v.check_same_shape("labels", labels, block, "logits")
-    if not num_class_dims:
         # The fused BCE gradient covers the logits only; a label or weight gradient would be missing.
         for name, tensor in (("labels", labels), ("weights", weights)):
             if tensor is not None and tensor.requires_grad:

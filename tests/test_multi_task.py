@@ -272,9 +272,16 @@ def test_a_model_holding_the_loss_trains():
     assert torch.equal(model.loss.pos_weight, torch.tensor([1.0, 2.0, 4.0]))
 
 
-def test_torch_compile_fullgraph_matches_eager():
-    logits, labels, weights, mask = _batch(dtype=torch.float32)
-    loss = MultiTaskLoss(TASKS, pos_weights=[1.0, 2.0, 0.5, 10.0, 3.0], task_weights=[1, 1, 2, 1, 1])
+@pytest.mark.parametrize(
+    ("tasks", "loss_type", "use_mask"),
+    [(TASKS, "bce_with_logits", True), (TASKS[:1], "bce_with_logits", False), (TASKS, "cross_entropy", True)],
+)
+def test_torch_compile_fullgraph_matches_eager(tasks, loss_type, use_mask):
+    classes = 3 if loss_type == "cross_entropy" else None
+    logits, labels, weights, mask = _batch(tasks=len(tasks), dtype=torch.float32, classes=classes)
+    mask = mask if use_mask else None
+    kwargs = {"pos_weights": [1.0, 2.0, 0.5, 10.0, 3.0][: len(tasks)]} if classes is None else {}
+    loss = MultiTaskLoss(tasks, loss_type=loss_type, task_weights=[1, 1, 2, 1, 1][: len(tasks)], **kwargs)
     compiled = torch.compile(loss, fullgraph=True)
     eager_in, compiled_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
     eager = loss(eager_in, labels, weights, mask)
