@@ -18,8 +18,12 @@ Weight = Union[float, int, torch.Tensor]
 _STATE_DTYPE = torch.float64
 
 
-def _weight_tensor(weight: Weight, device: torch.device) -> torch.Tensor:
-    """``weight`` as a float64 scalar on ``device``; Python numbers are checked, tensors are not read."""
+def _checked_weight(weight: Weight, device: torch.device) -> Union[float, torch.Tensor]:
+    """``weight`` as a float (checked) or a float64 scalar tensor on ``device`` (not read).
+
+    A Python number stays a number: it then enters the state update as a kernel argument, where
+    a tensor made from it would be a host-to-device copy on every update.
+    """
     if isinstance(weight, torch.Tensor):
         if weight.numel() != 1:
             raise ValueError(f"Expected `weight` to be a single number, got shape {tuple(weight.shape)}.")
@@ -28,7 +32,18 @@ def _weight_tensor(weight: Weight, device: torch.device) -> torch.Tensor:
         raise TypeError(f"Expected `weight` to be a number or a one-element tensor, got {type(weight).__name__}.")
     if not math.isfinite(weight) or weight < 0:
         raise ValueError(f"Expected `weight` to be non-negative and finite, got {weight!r}.")
-    return torch.tensor(float(weight), dtype=_STATE_DTYPE, device=device)
+    return float(weight)
+
+
+def _accumulate(sums: torch.Tensor, total_weight: torch.Tensor, values: torch.Tensor, weight: Weight) -> None:
+    """``sums += values * weight`` and ``total_weight += weight``, in place, without reading a value."""
+    w = _checked_weight(weight, sums.device)
+    values = values.detach().to(device=sums.device, dtype=_STATE_DTYPE)
+    if isinstance(w, torch.Tensor):
+        sums.addcmul_(values, w)
+    else:
+        sums.add_(values, alpha=w)
+    total_weight.add_(w)
 
 
 def _weighted_compute(
@@ -103,10 +118,7 @@ class GlobalLoss(Metric):
         v.check_tensor("loss", loss)
         if loss.numel() != 1:
             raise ValueError(f"Expected `loss` to be a single value, got shape {tuple(loss.shape)}.")
-        value = loss.detach().to(device=self.weighted_sum.device, dtype=_STATE_DTYPE).reshape(())
-        w = _weight_tensor(weight, self.weighted_sum.device)
-        self.weighted_sum += value * w
-        self.total_weight += w
+        _accumulate(self.weighted_sum, self.total_weight, loss.reshape(()), weight)
 
     def compute(self) -> torch.Tensor:
         return _weighted_compute(self.weighted_sum, self.total_weight, self.reduction, type(self).__name__)
@@ -176,10 +188,7 @@ class MultiTaskGlobalLoss(Metric):
         if values.numel() != len(self.result_keys):
             shapes = {key: tuple(losses[key].shape) for key in self.result_keys}
             raise ValueError(f"Expected every entry of `losses` to be a single-value tensor, got {shapes}.")
-        device = self.weighted_sums.device
-        w = _weight_tensor(weight, device)
-        self.weighted_sums += values.reshape(-1).to(device=device, dtype=_STATE_DTYPE) * w
-        self.total_weight += w
+        _accumulate(self.weighted_sums, self.total_weight, values.reshape(-1), weight)
 
     def compute(self) -> dict[str, torch.Tensor]:
         values = _weighted_compute(self.weighted_sums, self.total_weight, self.reduction, type(self).__name__)
