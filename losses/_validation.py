@@ -1,7 +1,8 @@
 """Argument checks shared by the loss modules and metrics.
 
-Everything here either runs once at construction or compares shapes and dtypes, which never
-touches tensor data and so never waits on the device.
+Everything here runs once at construction or compares shapes and dtypes, which never touches
+tensor data and so never waits on the device; the one exception, :func:`check_values`, runs only
+when a loss was built with ``check_inputs=True``.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def check_probability(name: str, value: Any) -> float:
     return float(value)
 
 
-def weight_tensor(name: str, value: Optional[TensorLike], *, ndim: int = 1) -> Optional[torch.Tensor]:
-    """Turn a weight given as a tensor or a sequence into a detached floating tensor.
+def weight_tensor(name: str, value: Optional[TensorLike]) -> Optional[torch.Tensor]:
+    """Turn a weight given as a tensor or a sequence into a detached, one-dimensional floating tensor.
 
     The weight must be non-negative and finite. Checking that reads the data once, which is fine
     here because it runs at construction, not in ``forward``.
@@ -54,8 +55,8 @@ def weight_tensor(name: str, value: Optional[TensorLike], *, ndim: int = 1) -> O
         raise TypeError(f"Expected `{name}` to hold real numbers, got dtype {tensor.dtype}.")
     if not tensor.is_floating_point():
         tensor = tensor.to(torch.get_default_dtype())
-    if tensor.ndim != ndim:
-        raise ValueError(f"Expected `{name}` to have {ndim} dimension(s), got shape {tuple(tensor.shape)}.")
+    if tensor.ndim != 1:
+        raise ValueError(f"Expected `{name}` to have 1 dimension(s), got shape {tuple(tensor.shape)}.")
     if not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
         raise ValueError(f"Expected `{name}` to be non-negative and finite, got {tensor.tolist()}.")
     return tensor
