@@ -69,9 +69,12 @@ def build_multi_task_loss(
 
 
 def get_global_loss_detached(local_loss: torch.Tensor, reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
-    """Reduce a detached copy of ``local_loss`` over all ranks, for logging.
+    r"""Reduce a detached copy of ``local_loss`` over all ranks, for logging.
 
-    ``mean`` averages the ranks' values, ``sum`` adds them. The result is a new tensor: the
+    .. math::
+        L_{\text{mean}} = \frac{1}{W} \sum_{r=1}^{W} L_r, \qquad L_{\text{sum}} = \sum_{r=1}^{W} L_r
+
+    over the :math:`W` ranks: ``mean`` averages the ranks' values, ``sum`` adds them. The result is a new tensor: the
     caller's loss (and its graph) is never touched, unlike the ancestor's in-place divide. Without
     a process group the world size is 1 and the value comes back as it is. A reduction other than
     ``mean`` warns that DDP averages gradients, so the logged value no longer matches them.
