@@ -135,8 +135,8 @@ class MultiTaskGlobalLoss(Metric):
         \bar L_k = \frac{\sum_{r} \sum_{i} w_{ri} L_{ri,k}}{\sum_r \sum_i w_{ri}}
         \quad \text{for each key } k.
 
-    All tasks live in one ``[T + 1]`` state tensor, so a sync costs the same two collectives for
-    1 task or 500.
+    All tasks live in one ``[T + 1]`` state tensor, so a sync runs the same collectives for 1 task
+    or 500.
 
     As input to ``forward`` and ``update``:
         - ``losses``: a mapping with exactly the keys ``"loss/<task>"`` for each task and ``"loss"``;
