@@ -26,25 +26,36 @@ def _native_stderr_silenced() -> Iterator[None]:
             os.close(saved)
 
 
-def peak_bytes(fn: Callable[[], object]) -> Optional[int]:
-    """Peak of bytes allocated and not yet freed during ``fn()``, or None if the profiler cannot tell."""
+def peak_bytes(fn: Callable[[], object], min_size: int = 1, repeats: int = 3) -> Optional[int]:
+    """Peak bytes held by allocations of at least ``min_size`` bytes made during ``fn()``.
+
+    The largest of ``repeats`` profiled calls: the peak of one call is deterministic, and an event
+    the profiler loses can only make it look smaller. None if the profiler cannot tell.
+    """
     fn()
     try:
         from torch.profiler._memory_profiler import Action  # private: may move between torch versions
-
-        with warnings.catch_warnings(), _native_stderr_silenced():
-            warnings.simplefilter("ignore")
-            activities = [ProfilerActivity.CPU]
-            with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
-                fn()
-            timeline = prof._memory_profile().timeline
-    except (ImportError, AttributeError, RuntimeError):
+    except ImportError:
         return None
-    live = peak = 0
-    for _, action, _, size in timeline:
-        if action == Action.CREATE:
-            live += size
-        elif action == Action.DESTROY:
-            live -= size
-        peak = max(peak, live)
-    return peak
+    peaks = []
+    for _ in range(repeats):
+        try:
+            with warnings.catch_warnings(), _native_stderr_silenced():
+                warnings.simplefilter("ignore")
+                activities = [ProfilerActivity.CPU]
+                with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
+                    fn()
+                timeline = prof._memory_profile().timeline
+        except (AttributeError, RuntimeError):
+            return None
+        live = peak = 0
+        for _, action, _, size in timeline:
+            if size < min_size:
+                continue
+            if action == Action.CREATE:
+                live += size
+            elif action == Action.DESTROY:
+                live -= size
+            peak = max(peak, live)
+        peaks.append(peak)
+    return max(peaks)
