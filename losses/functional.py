@@ -24,14 +24,6 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
 
 
-def _reduce(elements: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return elements.mean()
-    if reduction == "sum":
-        return elements.sum()
-    return elements
-
-
 def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """``numerator / denominator``, and 0 where the denominator is 0 (the numerator is 0 there too).
 
@@ -189,7 +181,7 @@ def cross_entropy(
     if weights is not None:
         elements = elements * weights.to(dtype)
     if reduction != "mean":
-        return _reduce(elements, reduction)
+        return elements.sum() if reduction == "sum" else elements
     if probability_labels:
         return elements.sum() / max(elements.numel(), 1)
     valid = labels != ignore_index
