@@ -53,13 +53,19 @@ def _element_losses(
     weights: Optional[torch.Tensor],
     mask: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    # l = (1 - y) x - (1 + (p - 1) y) log sigmoid(x) = (1 - y) softplus(x) - p y log sigmoid(x),
-    # with softplus(x) = x - log sigmoid(x); two [B, T] buffers, written in place.
-    log_sigmoid = _log_sigmoid(x)
-    losses = torch.sub(x, log_sigmoid)
-    losses.addcmul_(losses, y, value=-1)
-    losses.addcmul_(log_sigmoid.mul_(y), pos_weight, value=-1)
-    del log_sigmoid
+    # l = (1 - y) x - (1 + (p - 1) y) log sigmoid(x), in torch's order of operations, so that
+    # infinite and huge logits give torch's values: (1 - y) x is a product, never x - y x (at
+    # x = +inf, y = 0 that is inf - 0 * inf = NaN where torch gives inf), and the weight
+    # multiplies log sigmoid(x) whole, each product rounded on its own (splitting the weight,
+    # or a fused multiply-add, leaves 1e22 where torch's terms cancel to 0 at x = -1e30).
+    # Two [B, T] buffers, written in place: `losses` holds -(1 + (p - 1) y) log sigmoid(x),
+    # then gains (1 - y) x; `scratch` holds log sigmoid(x), then (1 - y) x.
+    ones = torch.ones_like(pos_weight)
+    losses = torch.addcmul(ones.neg(), y, ones - pos_weight)
+    scratch = _log_sigmoid(x)
+    losses.mul_(scratch)
+    losses.add_(torch.sub(ones, y, out=scratch).mul_(x))
+    del scratch
     if weights is not None:
         losses.mul_(weights)
     if mask is not None:

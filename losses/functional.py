@@ -25,12 +25,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """``numerator / denominator``, and 0 where the denominator is 0 (the numerator is 0 there too).
+    """``numerator / denominator``, and 0 where the denominator is exactly 0.
 
-    Dividing by 1 instead of masking the quotient keeps the gradient finite: a masked ``0 / 0``
-    would still send NaN backwards.
+    Any other denominator divides, a negative one included (as torch does with negative class
+    weights). Dividing by 1 where the denominator is 0, then selecting 0 there, keeps the
+    gradient finite: a masked ``0 / 0`` would still send NaN backwards.
     """
-    return numerator / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+    nonzero = denominator != 0
+    return torch.where(nonzero, numerator / torch.where(nonzero, denominator, torch.ones_like(denominator)), 0.0)
 
 
 def binary_cross_entropy_with_logits(

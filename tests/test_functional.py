@@ -36,3 +36,54 @@ def test_multi_task_bce_scales_and_totals():
     scaled, total = functional.multi_task_bce(logits, labels, pos_weight, scale=scale, task_weight=tau, factor=0.25)
     torch.testing.assert_close(scaled, expected * scale)
     torch.testing.assert_close(total, (expected * scale * tau).sum() * 0.25)
+
+
+class TestCrossEntropyDenominator:
+    """Only a zero denominator is replaced; torch divides by any other, negative ones included."""
+
+    def test_negative_selected_class_weight_sum_is_divided_by(self):
+        logits = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, -1.0]], requires_grad=True)
+        labels = torch.tensor([0, 2])
+        class_weight = torch.tensor([-1.0, 1.0, -2.0])
+        ours = functional.cross_entropy(logits, labels, class_weight=class_weight)
+        ref = torch.nn.functional.cross_entropy(logits, labels, weight=class_weight)
+        assert round(ref.item(), 4) == 2.4076
+        torch.testing.assert_close(ours, ref)
+        (ours_grad,) = torch.autograd.grad(ours, logits)
+        (ref_grad,) = torch.autograd.grad(ref, logits)
+        torch.testing.assert_close(ours_grad, ref_grad)
+
+    def test_a_zero_denominator_gives_zero_and_a_zero_gradient(self):
+        logits = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, -1.0]], requires_grad=True)
+        out = functional.cross_entropy(logits, torch.tensor([0, 2]), class_weight=torch.tensor([1.0, 0.0, -1.0]))
+        assert out.item() == 0.0
+        (grad,) = torch.autograd.grad(out, logits)
+        assert torch.equal(grad, torch.zeros(2, 3))
+
+
+class TestMultiTaskBCEAtExtremeLogits:
+    """The fused BCE gives what torch's BCE gives, loss and gradient, for finite and infinite logits."""
+
+    INF = float("inf")
+    LOGITS = (INF, -INF, 1e30, -1e30, 100.0, -100.0, 50.0, -50.0, 20.0, -20.0, 0.0, 1.5)
+    LABELS = (0.0, 1.0, 0.3)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    @pytest.mark.parametrize("weight", [None, 0.5, 0.0])
+    def test_each_entry_matches_torch(self, dtype, weight):
+        pos_weight = torch.tensor([1.0, 3.0, 0.0], dtype=dtype)
+        for x in self.LOGITS:
+            for y in self.LABELS:
+                logits = torch.full((1, 3), x, dtype=dtype, requires_grad=True)
+                labels = torch.full((1, 3), y, dtype=dtype)
+                weights = None if weight is None else torch.full((1, 3), weight, dtype=dtype)
+                ours, _ = functional.multi_task_bce(logits, labels, pos_weight, weights)
+                ref_in = logits.detach().clone().requires_grad_()
+                ref = torch.nn.functional.binary_cross_entropy_with_logits(
+                    ref_in, labels, weight=weights, pos_weight=pos_weight, reduction="none"
+                )[0]
+                torch.testing.assert_close(ours, ref, equal_nan=True, msg=f"loss at x={x}, y={y}")
+                for t in range(3):
+                    (grad,) = torch.autograd.grad(ours[t], logits, retain_graph=True)
+                    (ref_grad,) = torch.autograd.grad(ref[t], ref_in, retain_graph=True)
+                    torch.testing.assert_close(grad, ref_grad, equal_nan=True, msg=f"gradient at x={x}, y={y}, t={t}")

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from losses import LossType, MultiTaskLoss
@@ -393,3 +394,22 @@ class TestErrors:
             match=r"`labels` of shape \[B, T\] \(8, 5\) \(the logits \(8, 5, 3\) without .*\), got \(8, 5, 3\)",
         ):
             loss(torch.zeros(8, 5, 3), torch.zeros(8, 5, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("num_tasks", [1, 2, 5])
+def test_infinite_logits_give_torchs_value_on_every_path(num_tasks):
+    # +inf with label 0 is an infinite loss (not NaN) with gradient 1, as in torch.
+    logits = torch.zeros(3, num_tasks)
+    logits[0] = float("inf")
+    labels = torch.zeros(3, num_tasks)
+    labels[1] = 1.0
+    x = logits.clone().requires_grad_()
+    out = MultiTaskLoss([f"t{i}" for i in range(num_tasks)])(x, labels)
+    ref_in = logits.clone().requires_grad_()
+    ref = F.binary_cross_entropy_with_logits(ref_in, labels, reduction="none").mean(0)
+    for t in range(num_tasks):
+        assert out[f"loss/t{t}"].item() == float("inf")
+        torch.testing.assert_close(out[f"loss/t{t}"], ref[t])
+    out["loss"].backward()
+    ref.mean().backward()
+    torch.testing.assert_close(x.grad, ref_in.grad)
