@@ -24,6 +24,8 @@ class BCEWithLogitsLoss(_Loss):
     of the element's class (last dimension). With ``label_smoothing`` :math:`\varepsilon` the
     targets become :math:`y (1 - \varepsilon) + \varepsilon / 2`. ``mean`` divides the sum of
     :math:`\ell_i` by the number of elements (weights do not renormalize), ``sum`` adds them up.
+    An empty input gives 0 for ``mean`` (where torch gives NaN) and ``sum``, with a zero
+    gradient, and an empty tensor for ``none``.
 
     ``pos_weight`` trades recall for precision: for a class with 100 positive and 300 negative
     examples, ``pos_weight=3`` makes the positives weigh as much as the negatives in the loss.

@@ -29,7 +29,8 @@ class CrossEntropyLoss(_Loss):
     or with a class ``weight`` the sum of :math:`c_{y_i}` over them; per-sample weights multiply
     the losses but do not change the denominator (as ``weight`` in BCE). A batch whose labels are
     all ``ignore_index`` gives 0, where torch gives NaN. For probability labels ``mean`` divides by
-    the number of samples.
+    the number of samples. An empty batch gives 0 for ``mean`` (torch: NaN) and ``sum``, with a
+    zero gradient, and an empty tensor for ``none``.
 
     Args:
         weight: a weight per class, shape :math:`(C)`, non-negative and finite. Default: ``None``.

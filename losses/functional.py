@@ -50,7 +50,8 @@ def binary_cross_entropy_with_logits(
         \qquad y_i \leftarrow y_i (1 - \varepsilon) + \varepsilon / 2
 
     with ``p`` the ``pos_weight`` (broadcast over the last dimension) and ``w`` the per-element
-    ``weights``. ``mean`` divides the sum by the number of elements, as torch does.
+    ``weights``. ``mean`` divides the sum by the number of elements, as torch does; no elements
+    give 0 (torch: NaN) with a zero gradient.
 
     Shape:
         - logits: any shape ``(*)``, floating point.
@@ -73,6 +74,9 @@ def binary_cross_entropy_with_logits(
     dtype = compute_dtype(logits.dtype)
     logits = logits.to(dtype)
     labels = labels.to(dtype)
+    if reduction == "mean" and logits.numel() == 0:
+        # torch's mean of no elements is NaN; the sum of none is the documented 0, with a gradient.
+        reduction = "sum"
     if label_smoothing:
         labels = labels * (1.0 - label_smoothing) + 0.5 * label_smoothing
     return F.binary_cross_entropy_with_logits(
@@ -127,9 +131,11 @@ def cross_entropy(
 
     (with label smoothing, the smoothed target as in :func:`torch.nn.functional.cross_entropy`).
     ``mean`` divides :math:`\sum_i \ell_i` by :math:`\sum_{i:\, y_i \ne \text{ignore}} c_{y_i}`,
-    exactly torch's denominator, so per-sample weights act as multipliers and do not renormalize;
-    a batch whose labels are all ``ignore_index`` gives 0 (torch gives NaN). For probability labels
-    ``mean`` divides by the number of samples.
+    exactly torch's denominator, so per-sample weights act as multipliers and do not renormalize.
+    A denominator of exactly 0 (no sample, every label ``ignore_index``, or class weights that sum
+    to 0 over the labelled samples) gives 0 with a zero gradient, where torch gives NaN or inf; any
+    other denominator divides, a negative one included, as in torch. For probability labels
+    ``mean`` divides by the number of samples (0 for none).
 
     Shape:
         - logits: ``(C)``, ``(N, C)`` or ``(N, C, d_1, ..., d_K)``.
@@ -163,6 +169,8 @@ def cross_entropy(
     if class_weight is not None:
         class_weight = class_weight.to(dtype)
     probability_labels = labels.is_floating_point()
+    if reduction == "mean" and probability_labels and logits.numel() == 0:
+        reduction = "sum"  # no samples: 0, where torch's mean gives NaN
     if weights is None and (probability_labels or reduction != "mean"):
         return F.cross_entropy(
             logits,

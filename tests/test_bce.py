@@ -195,3 +195,18 @@ class TestErrors:
     def test_integer_logits(self):
         with pytest.raises(TypeError, match="`logits` to be a floating point tensor, got dtype torch.int64"):
             BCEWithLogitsLoss()(torch.zeros(4, dtype=torch.long), torch.zeros(4))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("use_weights", [False, True])
+def test_empty_batch_gives_zero_not_nan(reduction, use_weights):
+    x = torch.zeros(0, 3, requires_grad=True)
+    weights = torch.ones(0, 3) if use_weights else None
+    out = BCEWithLogitsLoss(pos_weight=[1.0, 2.0, 3.0], reduction=reduction)(x, torch.zeros(0, 3), weights)
+    if reduction == "none":
+        assert out.shape == (0, 3)
+    else:
+        assert out.shape == ()
+        assert out.item() == 0.0
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros(0, 3))

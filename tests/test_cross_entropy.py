@@ -222,3 +222,22 @@ class TestErrors:
     def test_scalar_logits(self):
         with pytest.raises(ValueError, match="`logits` to have a class dimension"):
             CrossEntropyLoss()(torch.tensor(1.0), torch.tensor(0))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("labels", ["indices", "probabilities"])
+@pytest.mark.parametrize("use_weights", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_empty_batch_gives_zero_not_nan(reduction, labels, use_weights, weighted):
+    x = torch.zeros(0, 4, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.long) if labels == "indices" else torch.zeros(0, 4)
+    weights = torch.ones(0) if use_weights else None
+    loss = CrossEntropyLoss(weight=[1.0, 2.0, 1.0, 1.0] if weighted else None, reduction=reduction)
+    out = loss(x, target, weights)
+    if reduction == "none":
+        assert out.shape == (0,)
+    else:
+        assert out.shape == ()
+        assert out.item() == 0.0
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros(0, 4))

@@ -413,3 +413,38 @@ def test_infinite_logits_give_torchs_value_on_every_path(num_tasks):
     out["loss"].backward()
     ref.mean().backward()
     torch.testing.assert_close(x.grad, ref_in.grad)
+
+
+class TestEmptyBatch:
+    """B = 0 gives 0 (no NaN, a zero gradient) on every path and for every reduction."""
+
+    @pytest.mark.parametrize("task_loss_reduction", TASK_REDUCTIONS)
+    @pytest.mark.parametrize("global_reduction", GLOBAL_REDUCTIONS)
+    @pytest.mark.parametrize(("num_tasks", "use_mask"), [(1, False), (1, True), (3, False), (3, True)])
+    def test_bce(self, task_loss_reduction, global_reduction, num_tasks, use_mask):
+        loss = _quiet(
+            tasks=TASKS[:num_tasks], task_loss_reduction=task_loss_reduction, global_reduction=global_reduction
+        )
+        x = torch.zeros(0, num_tasks, requires_grad=True)
+        mask = torch.zeros(0, num_tasks, dtype=torch.bool) if use_mask else None
+        out = loss(x, torch.zeros(0, num_tasks), torch.ones(0, num_tasks), mask)
+        for key, value in out.items():
+            assert value.shape == (), key
+            assert value.item() == 0.0, key
+        out["loss"].backward()
+        assert x.grad.shape == (0, num_tasks)
+
+    @pytest.mark.parametrize("task_loss_reduction", TASK_REDUCTIONS)
+    @pytest.mark.parametrize("global_reduction", GLOBAL_REDUCTIONS)
+    def test_cross_entropy(self, task_loss_reduction, global_reduction):
+        loss = _quiet(
+            tasks=TASKS[:2],
+            loss_type="cross_entropy",
+            task_loss_reduction=task_loss_reduction,
+            global_reduction=global_reduction,
+        )
+        x = torch.zeros(0, 2, 4, requires_grad=True)
+        out = loss(x, torch.zeros(0, 2, dtype=torch.long))
+        assert [value.item() for value in out.values()] == [0.0, 0.0, 0.0]
+        out["loss"].backward()
+        assert x.grad.shape == (0, 2, 4)
