@@ -53,8 +53,9 @@ class MultiTaskLoss(nn.Module):
         \qquad N_t = \sum_b m_{bt}
 
     for ``task_loss_reduction="mean"`` (:math:`N_t = 1` for ``sum``; :math:`L_t = 0` with a zero
-    gradient when :math:`N_t = 0`, an empty batch included, for every reduction). :math:`\ell` is binary cross-entropy with the task's ``pos_weight`` (see
-    :class:`~losses.BCEWithLogitsLoss`) or softmax cross-entropy over a class dimension. The global
+    gradient when :math:`N_t = 0`, an empty batch included, for every reduction). :math:`\ell` is
+    binary cross-entropy with the task's ``pos_weight`` (see :class:`~losses.BCEWithLogitsLoss`)
+    or softmax cross-entropy over a class dimension. The global
     loss is ``global_reduction`` over :math:`\tau_t L_t` with :math:`\tau` the ``task_weights``.
     Weights are multipliers: ``mean`` divides by the number of labelled entries, not by the
     weight sum, exactly as :func:`torch.nn.functional.binary_cross_entropy_with_logits`.
