@@ -15,7 +15,7 @@ from losses import _validation as v
 from losses import distributed
 from losses.bce import BCEWithLogitsLoss
 from losses.cross_entropy import CrossEntropyLoss
-from losses.functional import GlobalReduction, Reduction
+from losses.functional import GlobalReduction, Reduction, compute_dtype
 from losses.loss_type import LossType, parse_loss_type
 from losses.multi_task import MultiTaskLoss, TaskReduction, warn_unless_mean
 
@@ -68,16 +68,30 @@ def build_multi_task_loss(
     )
 
 
-def get_global_loss_detached(local_loss: torch.Tensor, reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
-    r"""Reduce a detached copy of ``local_loss`` over all ranks, for logging.
+def get_global_loss_detached(
+    local_loss: torch.Tensor,
+    reduction: Literal["mean", "sum"] = "mean",
+    process_group: Optional[distributed.ProcessGroup] = None,
+) -> torch.Tensor:
+    r"""Reduce a detached copy of ``local_loss`` over the ranks of ``process_group``, for logging.
 
     .. math::
-        L_{\text{mean}} = \frac{1}{W} \sum_{r=1}^{W} L_r, \qquad L_{\text{sum}} = \sum_{r=1}^{W} L_r
+        L_{\text{mean}} = \sum_{r=1}^{W} \frac{L_r}{W}, \qquad L_{\text{sum}} = \sum_{r=1}^{W} L_r
 
-    over the :math:`W` ranks: ``mean`` averages the ranks' values, ``sum`` adds them. The result is a new tensor: the
-    caller's loss (and its graph) is never touched, unlike the ancestor's in-place divide. Without
-    a process group the world size is 1 and the value comes back as it is. A reduction other than
-    ``mean`` warns that DDP averages gradients, so the logged value no longer matches them.
+    over the :math:`W` ranks of ``process_group`` (default ``None``: every rank): ``mean``
+    averages the ranks' values, ``sum`` adds them. The result is a new tensor: the caller's loss
+    (and its graph) is never touched, unlike the ancestor's in-place divide. ``mean`` divides each
+    rank's value before summing, so it overflows only where the mean itself would; float16 and
+    bfloat16 losses are reduced in float32 and **returned in float32** (two float16 losses of
+    40000 average to 40000, where a float16 sum would be ``inf``). Without a process group the
+    world size is 1 and the value comes back as it is. A reduction other than ``mean`` warns
+    that DDP averages gradients, so the logged value no longer matches them.
+
+    Args:
+        local_loss: this rank's loss, any shape.
+        reduction: ``"mean"`` | ``"sum"``. Default: ``"mean"``.
+        process_group: the group to reduce over, as given to DDP; only its ranks may call this
+            (another rank gets a ``ValueError``). Default: ``None``, every rank.
 
     Example:
         >>> loss = torch.tensor(0.25, requires_grad=True)
@@ -86,6 +100,7 @@ def get_global_loss_detached(local_loss: torch.Tensor, reduction: Literal["mean"
     """
     v.check_tensor("local_loss", local_loss)
     v.check_choice("reduction", reduction, ("mean", "sum"))
+    distributed.check_group("process_group", process_group)
     if reduction != "mean":
         warnings.warn(
             f"`reduction={reduction!r}`: DDP averages gradients over ranks, so a global loss reduced "
@@ -93,7 +108,9 @@ def get_global_loss_detached(local_loss: torch.Tensor, reduction: Literal["mean"
             UserWarning,
             stacklevel=2,
         )
-    reduced = distributed.all_reduce_sum(local_loss)
+    loss = local_loss.detach()
+    loss = loss.to(compute_dtype(loss.dtype))
     if reduction == "mean":
-        reduced = reduced / distributed.world_size()
-    return reduced
+        # Out of place: the caller's tensor is never written to.
+        loss = loss / distributed.world_size(process_group)
+    return distributed.all_reduce_sum(loss, process_group)

@@ -60,10 +60,10 @@ class MultiTaskLoss(nn.Module):
     Weights are multipliers: ``mean`` divides by the number of labelled entries, not by the
     weight sum, exactly as :func:`torch.nn.functional.binary_cross_entropy_with_logits`.
 
-    With ``normalize="global"`` and a process group, :math:`N_t` is summed over ranks (one
-    ``all_reduce`` of ``T`` numbers) and the local sum is multiplied by the world size, so the
-    average of the ranks' losses, which DDP's gradient averaging takes, is the exact mean over the
-    global batch even when ranks hold different numbers of labelled entries.
+    With ``normalize="global"`` and a process group, :math:`N_t` is summed over the ranks of
+    ``process_group`` (one ``all_reduce`` of ``T`` numbers) and the local sum is multiplied by that
+    group's size, so the average of the ranks' losses, which DDP's gradient averaging takes, is the
+    exact mean over the global batch even when ranks hold different numbers of labelled entries.
 
     All tasks are computed in one pass over the block; ``forward`` has no loop over tasks and
     never waits on the device (``normalize="global"`` runs its collective).
@@ -82,6 +82,11 @@ class MultiTaskLoss(nn.Module):
             entries' labels in [0, 1] (BCE) or ``[0, C)`` (cross-entropy), non-negative finite
             weights. This waits for the device on every call, so it is off by default; turn it on
             to find where a NaN comes from. Default: ``False``.
+        process_group: the ranks ``normalize="global"`` counts over: the group DDP averages over
+            (its ``process_group`` argument). Only the group's ranks may call the loss; another
+            rank gets a ``ValueError``. Kept as an attribute, not a buffer: ``deepcopy`` shares
+            it, ``state_dict`` leaves it out, and pickling cannot save it (set
+            ``loss.process_group`` again after loading). Default: ``None``, every rank.
 
     Buffers ``pos_weight`` and ``task_weight`` (shape ``[T]``) are always registered, so they follow
     ``model.to(...)`` and sit in the model's ``state_dict``. Reductions other than ``mean`` warn
@@ -118,6 +123,7 @@ class MultiTaskLoss(nn.Module):
         normalize: Normalize = "local",
         *,
         check_inputs: bool = False,
+        process_group: Optional[distributed.ProcessGroup] = None,
     ) -> None:
         super().__init__()
         self.tasks = v.task_names(tasks)
@@ -132,6 +138,7 @@ class MultiTaskLoss(nn.Module):
         )
         self.normalize: Normalize = v.check_choice("normalize", normalize, NORMALIZATIONS)  # type: ignore[assignment]
         self.check_inputs = bool(check_inputs)
+        self._group = distributed.GroupHandle(distributed.check_group("process_group", process_group))
         num_tasks = len(self.tasks)
         self.register_buffer("pos_weight", _per_task("pos_weights", pos_weights, num_tasks))
         self.register_buffer("task_weight", _per_task("task_weights", task_weights, num_tasks))
@@ -142,6 +149,15 @@ class MultiTaskLoss(nn.Module):
         self._global_factor: Optional[float] = factors.get(self.global_reduction)
         warn_unless_mean("task_loss_reduction", self.task_loss_reduction)
         warn_unless_mean("global_reduction", self.global_reduction)
+
+    @property
+    def process_group(self) -> Optional[distributed.ProcessGroup]:
+        """The group ``normalize="global"`` sums counts over (``None``: every rank)."""
+        return self._group.group
+
+    @process_group.setter
+    def process_group(self, group: Optional[distributed.ProcessGroup]) -> None:
+        self._group = distributed.GroupHandle(distributed.check_group("process_group", group))
 
     def extra_repr(self) -> str:
         return (
@@ -193,9 +209,10 @@ class MultiTaskLoss(nn.Module):
         batch = logits.shape[0]
         dtype = functional.compute_dtype(logits.dtype)
         if self.normalize == "global" and distributed.is_distributed():
+            group = self._group.get()
             counts = functional.task_counts(mask, batch, len(self.tasks), dtype, logits.device)
             # An empty task's sum is 0, so dividing it by 1 instead of 0 gives the 0 we want.
-            return distributed.world_size() / distributed.all_reduce_sum(counts).clamp_min(1)
+            return distributed.world_size(group) / distributed.all_reduce_sum(counts, group).clamp_min(1)
         if mask is None:
             return 1.0 / max(batch, 1)
         counts = functional.task_counts(mask, batch, len(self.tasks), dtype, logits.device)
