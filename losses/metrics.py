@@ -4,30 +4,23 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Union
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal, Optional, Union
 
 import torch
+from torch import nn
 from torchmetrics import Metric
 
 from losses import _validation as v
+from losses._metric_sync import SUM_DTYPE, SumMetric
 
 MetricReduction = Literal["mean", "sum"]
 Weight = Union[float, int, torch.Tensor]
 
-_STATE_DTYPE = torch.float64
+_INF = math.inf
 
 
-def _checked_weight(weight: Weight, device: torch.device) -> Union[float, torch.Tensor]:
-    """``weight`` as a float (checked) or a float64 scalar tensor on ``device`` (not read).
-
-    A Python number stays a number: it then enters the state update as a kernel argument, where
-    a tensor made from it would be a host-to-device copy on every update.
-    """
-    if isinstance(weight, torch.Tensor):
-        if weight.numel() != 1:
-            raise ValueError(f"Expected `weight` to be a single number, got shape {tuple(weight.shape)}.")
-        return weight.detach().to(device=device, dtype=_STATE_DTYPE).reshape(())
+def _python_weight(weight: Union[float, int]) -> float:
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
         raise TypeError(f"Expected `weight` to be a number or a one-element tensor, got {type(weight).__name__}.")
     if not math.isfinite(weight) or weight < 0:
@@ -35,20 +28,53 @@ def _checked_weight(weight: Weight, device: torch.device) -> Union[float, torch.
     return float(weight)
 
 
-def _accumulate(sums: torch.Tensor, total_weight: torch.Tensor, values: torch.Tensor, weight: Weight) -> None:
-    """``sums += values * weight`` and ``total_weight += weight``, in place, without reading a value."""
-    w = _checked_weight(weight, sums.device)
-    values = values.detach().to(device=sums.device, dtype=_STATE_DTYPE)
-    if isinstance(w, torch.Tensor):
-        sums.addcmul_(values, w)
-    else:
-        sums.add_(values, alpha=w)
-    total_weight.add_(w)
+def _tensor_weight(weight: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Shape and dtype checks are free; the value is checked on the device (see `_record`).
+    if weight.numel() != 1:
+        raise ValueError(f"Expected `weight` to be a single number, got shape {tuple(weight.shape)}.")
+    if weight.dtype == torch.bool or weight.is_complex():
+        raise TypeError(
+            f"Expected `weight` to be a number or a one-element tensor of real numbers, got {weight.dtype}."
+        )
+    return weight.detach().to(device=device, dtype=SUM_DTYPE).reshape(())
+
+
+def _record(
+    sums: torch.Tensor, total_weight: torch.Tensor, invalid: torch.Tensor, values: torch.Tensor, weight: Weight
+) -> tuple[torch.Tensor, Union[float, torch.Tensor]]:
+    """``sums += values * weight`` and ``total_weight += weight`` in place, without reading a value.
+
+    One rule for every weight: a non-negative finite number. A Python number is checked here; a
+    tensor is checked on the device, where a bad one adds nothing but one to ``invalid``, which
+    ``compute()`` reports. A zero weight adds nothing, even to a NaN loss (NaN * 0 is NaN).
+    Returns ``values`` in float64 on the states' device and the weight that was counted.
+    """
+    values = values.detach().to(device=sums.device, dtype=SUM_DTYPE)
+    if not isinstance(weight, torch.Tensor):
+        w = _python_weight(weight)
+        if w > 0:
+            sums.add_(values, alpha=w)
+            total_weight.add_(w)
+        return values, w
+    given = _tensor_weight(weight, sums.device)
+    valid = (given >= 0) & (given < _INF)  # False for NaN, inf and negatives
+    counted = torch.where(valid, given, 0.0)
+    sums.addcmul_(torch.where(counted > 0, values, 0.0), counted)
+    total_weight.add_(counted)
+    invalid.add_(~valid)
+    return values, counted
 
 
 def _weighted_compute(
-    weighted_sum: torch.Tensor, total_weight: torch.Tensor, reduction: MetricReduction, name: str
+    weighted_sum: torch.Tensor, total_weight: torch.Tensor, invalid: torch.Tensor, reduction: MetricReduction, name: str
 ) -> torch.Tensor:
+    bad = int(invalid.item())
+    if bad:
+        raise ValueError(
+            f"Expected `weight` to be non-negative and finite, got {bad} tensor weight(s) that are not in the "
+            f"updates of {name} since its last reset (on all ranks it syncs). They added nothing; find the "
+            "update that passes them, then reset() the metric."
+        )
     if reduction == "sum":
         return weighted_sum
     if not bool(total_weight > 0):
@@ -60,7 +86,7 @@ def _weighted_compute(
     return weighted_sum / total_weight
 
 
-class GlobalLoss(Metric):
+class GlobalLoss(SumMetric):
     r"""Sample-weighted mean (or sum) of a detached loss over all updates on all ranks.
 
     Each ``update(loss, weight)`` records a loss that stands for ``weight`` samples, usually the
@@ -71,26 +97,30 @@ class GlobalLoss(Metric):
 
     over the updates :math:`k` of every rank :math:`r`, which is the exact mean loss of the global
     batch even when ranks see different batch sizes. ``reduction="sum"`` returns the numerator.
-    Both sums are float64 states reduced by torchmetrics with ``dist_reduce_fx="sum"``, so a
-    million updates of small values lose no precision, and they are persistent: a resumed job
-    that loads the ``state_dict`` continues its running numbers.
+    Both sums are float64 states, also when the model around the metric is cast to another dtype,
+    so a million updates of small values lose no precision. A sync is one ``all_reduce`` of all
+    states; ``state_dict()`` runs no collective, and a checkpoint resumes exactly on any number of
+    ranks when it was written right after a ``compute()`` (see :doc:`/logging`).
 
-    ``update`` never reads a tensor's value on the host, so it does not wait on the device.
-    ``compute()`` with no weight recorded anywhere returns NaN with a warning (``mean``) or 0
-    (``sum``), as torchmetrics' aggregators do.
+    ``update`` never reads a tensor's value on the host, so it does not wait on the device. A
+    weight of 0 adds nothing, even to a NaN loss. A negative or non-finite Python weight is a
+    ``ValueError`` at once; the same tensor weight adds nothing and makes ``compute()`` raise that
+    ``ValueError``, so the check costs no device sync. ``compute()`` with no weight recorded anywhere
+    returns NaN with a warning (``mean``) or 0 (``sum``), as torchmetrics' aggregators do.
 
     As input to ``forward`` and ``update``:
         - ``loss``: a one-element tensor (any dtype, any device); it is detached.
-        - ``weight``: a non-negative number or one-element tensor. Default: ``1.0``.
+        - ``weight``: a non-negative finite number or one-element tensor (not bool). Default: ``1.0``.
 
     As output of ``forward`` and ``compute``:
         - a float64 scalar tensor; ``forward`` gives the value of that batch alone (synced across
-          ranks with ``dist_sync_on_step=True``).
+          ranks with ``dist_sync_on_step=True``). After ``update`` the batch value is also what
+          Lightning logs with ``self.log(name, metric, on_step=True)``: this rank's own batch.
 
     Args:
         reduction: ``"mean"`` | ``"sum"``. Default: ``"mean"``.
         metric_kwargs: passed to :class:`torchmetrics.Metric` (``dist_sync_on_step``,
-            ``process_group``, ``sync_on_compute``, ...).
+            ``process_group``, ``sync_on_compute``, ``dist_sync_fn``, ...).
 
     Example:
         >>> metric = GlobalLoss()
@@ -106,25 +136,30 @@ class GlobalLoss(Metric):
 
     weighted_sum: torch.Tensor
     total_weight: torch.Tensor
+    invalid_weights: torch.Tensor
 
     def __init__(self, reduction: MetricReduction = "mean", **metric_kwargs: Any) -> None:
         super().__init__(**metric_kwargs)
         self.reduction: MetricReduction = v.check_choice("reduction", reduction, ("mean", "sum"))  # type: ignore[assignment]
-        zero = torch.zeros((), dtype=_STATE_DTYPE)
-        self.add_state("weighted_sum", zero.clone(), dist_reduce_fx="sum", persistent=True)
-        self.add_state("total_weight", zero.clone(), dist_reduce_fx="sum", persistent=True)
+        self.add_sum_state("weighted_sum")
+        self.add_sum_state("total_weight")
+        self.add_sum_state("invalid_weights")
 
     def update(self, loss: torch.Tensor, weight: Weight = 1.0) -> None:
         v.check_tensor("loss", loss)
         if loss.numel() != 1:
             raise ValueError(f"Expected `loss` to be a single value, got shape {tuple(loss.shape)}.")
-        _accumulate(self.weighted_sum, self.total_weight, loss.reshape(()), weight)
+        value, counted = _record(self.weighted_sum, self.total_weight, self.invalid_weights, loss.reshape(()), weight)
+        # The batch value, for Lightning's on_step logging of a metric fed by update().
+        self._forward_cache = value if self.reduction == "mean" else value * counted  # type: ignore[assignment]
 
     def compute(self) -> torch.Tensor:
-        return _weighted_compute(self.weighted_sum, self.total_weight, self.reduction, type(self).__name__)
+        return _weighted_compute(
+            self.weighted_sum, self.total_weight, self.invalid_weights, self.reduction, type(self).__name__
+        )
 
 
-class MultiTaskGlobalLoss(Metric):
+class MultiTaskGlobalLoss(SumMetric):
     r""":class:`GlobalLoss` for every entry of the dict that :class:`~losses.MultiTaskLoss` returns.
 
     ``update(losses, weight)`` takes ``{"loss/<task>": ..., "loss": ...}``; ``compute()`` returns a
@@ -135,13 +170,19 @@ class MultiTaskGlobalLoss(Metric):
         \bar L_k = \frac{\sum_{r} \sum_{i} w_{ri} L_{ri,k}}{\sum_r \sum_i w_{ri}}
         \quad \text{for each key } k.
 
-    All tasks live in one ``[T + 1]`` state tensor, so a sync runs the same collectives for 1 task
-    or 500.
+    All tasks live in one ``[T + 1]`` state tensor, and a sync is one ``all_reduce`` for 1 task or
+    500. Weights, dtypes and checkpoints behave as in :class:`GlobalLoss`.
+
+    The metric is also a read-only mapping from each key to a small metric of that entry alone
+    (``metric["loss/fav"]``, ``metric.items()``), so ``self.log_dict(metric)`` in Lightning logs
+    every entry. Those entry metrics share this metric's cached ``compute()``: logging all of them
+    costs one sync, not ``T + 1``. Their ``reset()`` resets this metric.
 
     As input to ``forward`` and ``update``:
         - ``losses``: a mapping with exactly the keys ``"loss/<task>"`` for each task and ``"loss"``;
           missing or extra keys are a ``ValueError`` that names them.
-        - ``weight``: a non-negative number or one-element tensor, the samples the batch stands for.
+        - ``weight``: a non-negative finite number or one-element tensor, the samples the batch
+          stands for.
 
     As output of ``forward`` and ``compute``:
         - a dict of float64 scalar tensors with the keys of the input.
@@ -159,6 +200,8 @@ class MultiTaskGlobalLoss(Metric):
         >>> metric.update(losses(0.6, 0.2), weight=1)
         >>> {name: round(value.item(), 4) for name, value in metric.compute().items()}
         {'loss/fav': 0.3, 'loss/reply': 0.5, 'loss': 0.4}
+        >>> round(metric["loss/reply"].compute().item(), 4)
+        0.5
     """
 
     is_differentiable = False
@@ -167,6 +210,7 @@ class MultiTaskGlobalLoss(Metric):
 
     weighted_sums: torch.Tensor
     total_weight: torch.Tensor
+    invalid_weights: torch.Tensor
 
     def __init__(self, tasks: Sequence[str], reduction: MetricReduction = "mean", **metric_kwargs: Any) -> None:
         super().__init__(**metric_kwargs)
@@ -174,8 +218,13 @@ class MultiTaskGlobalLoss(Metric):
         self.reduction: MetricReduction = v.check_choice("reduction", reduction, ("mean", "sum"))  # type: ignore[assignment]
         self.result_keys = (*(f"loss/{task}" for task in self.tasks), "loss")
         self._key_set = frozenset(self.result_keys)
-        self.add_state("weighted_sums", torch.zeros(len(self.result_keys), dtype=_STATE_DTYPE), "sum", persistent=True)
-        self.add_state("total_weight", torch.zeros((), dtype=_STATE_DTYPE), "sum", persistent=True)
+        self.add_sum_state("weighted_sums", len(self.result_keys))
+        self.add_sum_state("total_weight")
+        self.add_sum_state("invalid_weights")
+        self._step_values: Optional[torch.Tensor] = None
+        # Submodules, so that Lightning finds them among the module's metrics when they are logged.
+        self._entries = tuple(_Entry(self, key, index) for index, key in enumerate(self.result_keys))
+        self.entries = nn.ModuleList(self._entries)
 
     def update(self, losses: Mapping[str, torch.Tensor], weight: Weight = 1.0) -> None:
         if not isinstance(losses, Mapping):
@@ -194,8 +243,115 @@ class MultiTaskGlobalLoss(Metric):
         if values.numel() != len(self.result_keys):
             shapes = {key: tuple(losses[key].shape) for key in self.result_keys}
             raise ValueError(f"Expected every entry of `losses` to be a single-value tensor, got {shapes}.")
-        _accumulate(self.weighted_sums, self.total_weight, values.reshape(-1), weight)
+        recorded, counted = _record(
+            self.weighted_sums, self.total_weight, self.invalid_weights, values.reshape(-1), weight
+        )
+        # The batch values, packed, for the entries' on_step logging (forward() sets its own).
+        self._step_values = recorded if self.reduction == "mean" else recorded * counted
+        self._forward_cache = None
 
     def compute(self) -> dict[str, torch.Tensor]:
-        values = _weighted_compute(self.weighted_sums, self.total_weight, self.reduction, type(self).__name__)
+        values = _weighted_compute(
+            self.weighted_sums, self.total_weight, self.invalid_weights, self.reduction, type(self).__name__
+        )
         return dict(zip(self.result_keys, values.unbind(), strict=True))
+
+    def reset(self) -> None:
+        super().reset()
+        self._step_values = None
+
+    # A read-only mapping of entry metrics, for `self.log_dict(metric)`.
+    def keys(self) -> tuple[str, ...]:
+        return self.result_keys
+
+    def values(self) -> list[Metric]:
+        return list(self._entries)
+
+    def items(self) -> list[tuple[str, Metric]]:
+        return list(zip(self.result_keys, self._entries, strict=True))
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            if key not in self._key_set:
+                raise KeyError(f"Expected one of the keys {list(self.result_keys)}, got {key!r}.")
+            return self._entries[self.result_keys.index(key)]
+        return super().__getitem__(key)
+
+    def __iter__(self) -> Iterator[str]:  # type: ignore[override]
+        return iter(self.result_keys)
+
+    def __len__(self) -> int:
+        return len(self.result_keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._key_set
+
+    def extra_repr(self) -> str:
+        return f"tasks={list(self.tasks)}, reduction={self.reduction!r}"
+
+    def __repr__(self) -> str:
+        # The entry submodules would print T + 1 lines.
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def _step_value(self, key: str, index: int) -> Optional[torch.Tensor]:
+        forward_value: Any = self._forward_cache  # forward() stores the dict of the batch values
+        if isinstance(forward_value, dict):
+            return forward_value[key]  # type: ignore[no-any-return]
+        return None if self._step_values is None else self._step_values[index]
+
+
+class _Entry(Metric):
+    """One entry of a :class:`MultiTaskGlobalLoss` as a metric: Lightning's ``self.log`` takes it.
+
+    It holds no state: ``compute()`` is the parent's cached ``compute()[key]`` (one sync for all
+    entries), ``reset()`` resets the parent, and the step value is the parent's batch value.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, parent: MultiTaskGlobalLoss, key: str, index: int) -> None:
+        # No sync of its own and no cache: the parent holds both.
+        super().__init__(sync_on_compute=False, compute_with_cache=False)
+        # Not a submodule: the parent owns the entries, not the other way round.
+        self.__dict__["_parent"] = parent
+        self.key = key
+        self.index = index
+
+    @property
+    def parent(self) -> MultiTaskGlobalLoss:
+        parent: MultiTaskGlobalLoss = self.__dict__["_parent"]
+        return parent
+
+    @property
+    def update_called(self) -> bool:
+        return self.parent.update_called
+
+    @property
+    def update_count(self) -> int:
+        return self.parent.update_count
+
+    @property  # type: ignore[override]
+    def _forward_cache(self) -> Optional[torch.Tensor]:
+        return self.parent._step_value(self.key, self.index)
+
+    @_forward_cache.setter
+    def _forward_cache(self, value: Any) -> None:
+        pass  # torchmetrics sets it; the value always comes from the parent
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(
+            f"Expected `update` to be called on the MultiTaskGlobalLoss, not on its entry {self.key!r}: "
+            "metric.update(losses, weight) records every entry."
+        )
+
+    def compute(self) -> torch.Tensor:
+        return self.parent.compute()[self.key]
+
+    def reset(self) -> None:
+        super().reset()
+        self.parent.reset()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.key!r})"

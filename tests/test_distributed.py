@@ -184,26 +184,77 @@ def test_global_normalization_on_three_ranks(ranks):
     _assert_grads(results, grads)
 
 
-def _collective_count(rank, world_size, num_tasks):
-    calls = []
-    real = dist.all_gather
+#: Every collective of torch.distributed a metric sync could use; the tests wrap them all.
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_object",
+    "broadcast",
+    "broadcast_object_list",
+    "barrier",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "gather",
+    "gather_object",
+    "scatter",
+    "all_to_all",
+)
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
 
-    dist.all_gather = counting
-    try:
-        metric = MultiTaskGlobalLoss([f"t{i}" for i in range(num_tasks)])
+class CountingCollectives:
+    """Wraps torch.distributed's collectives (the real ones still run) and records each call's name."""
+
+    def __init__(self):
+        self.calls = []
+        self._real = {}
+
+    def __enter__(self):
+        for name in COLLECTIVES:
+            real = getattr(dist, name)
+            self._real[name] = real
+
+            def counting(*args, _name=name, _real=real, **kwargs):
+                self.calls.append(_name)
+                return _real(*args, **kwargs)
+
+            setattr(dist, name, counting)
+        return self
+
+    def __exit__(self, *exc):
+        for name, real in self._real.items():
+            setattr(dist, name, real)
+
+
+def _collectives_per_compute(rank, world_size, num_tasks):
+    metric = MultiTaskGlobalLoss([f"t{i}" for i in range(num_tasks)])
+    single = GlobalLoss()
+    with CountingCollectives() as counter:
         metric.update({key: torch.tensor(1.0) for key in metric.result_keys}, weight=rank + 1)
-        metric.compute()
-    finally:
-        dist.all_gather = real
-    return len(calls)
+        single.update(torch.tensor(float(rank)), weight=rank + 1)
+        after_updates = list(counter.calls)
+        values = metric.compute()
+        after_compute = list(counter.calls)
+        single_value = single.compute()
+        metric.compute()  # cached: no second sync
+        state = metric.state_dict()
+    return {
+        "updates": after_updates,
+        "compute": after_compute,
+        "all": counter.calls,
+        "loss": values["loss"].item(),
+        "single": single_value.item(),
+        "state_keys": sorted(state),
+    }
 
 
-def test_sync_costs_the_same_collectives_for_one_task_or_five_hundred(ranks):
-    one = ranks(_collective_count, 2, 1)
-    many = ranks(_collective_count, 2, 500)
-    assert one == many
-    assert 0 < one[0] <= 4
+@pytest.mark.parametrize("num_tasks", [1, 500])
+def test_a_sync_is_exactly_one_all_reduce_for_one_task_or_five_hundred(ranks, num_tasks):
+    for result in ranks(_collectives_per_compute, 2, num_tasks):
+        assert result["updates"] == []
+        assert result["compute"] == ["all_reduce"]
+        # The second metric's compute is one more; the cached compute and state_dict() add none.
+        assert result["all"] == ["all_reduce", "all_reduce"]
+        assert result["loss"] == 1.0
+        assert result["single"] == pytest.approx(2 / 3)

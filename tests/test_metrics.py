@@ -71,7 +71,7 @@ class TestGlobalLoss:
         metric = GlobalLoss()
         metric.update(torch.tensor(1.0), 10)
         state = metric.state_dict()
-        assert set(state) == {"weighted_sum", "total_weight"}
+        assert set(state) == {"synced_sums", "unsynced_sums", "saving_rank", "sum_format"}
         resumed = GlobalLoss()
         resumed.load_state_dict(state)
         resumed.update(torch.tensor(4.0), 5)
@@ -147,7 +147,7 @@ class TestMultiTaskGlobalLoss:
         for num_tasks in (1, 500):
             metric = MultiTaskGlobalLoss([f"t{i}" for i in range(num_tasks)])
             states = {name: tuple(getattr(metric, name).shape) for name in metric._defaults}
-            assert states == {"weighted_sums": (num_tasks + 1,), "total_weight": ()}
+            assert states == {"weighted_sums": (num_tasks + 1,), "total_weight": (), "invalid_weights": ()}
 
     def test_missing_and_extra_keys_are_named(self):
         metric = MultiTaskGlobalLoss(TASKS)
