@@ -48,7 +48,7 @@ def _loss_sequence(steps, seed=0):
 # --- uncertainty weighting -------------------------------------------------------------------------
 
 
-def test_uncertainty_matches_kendall_formula_and_its_gradients():
+def test_uncertainty_matches_its_formula_and_gradients():
     weighting = UncertaintyWeighting(TASKS, init=[0.0, 0.5, -0.3], regression=["fav"]).double()
     task_losses, losses = _losses([0.7, 0.2, 1.5], requires_grad=True)
     out = weighting(losses)
@@ -274,6 +274,14 @@ def test_bad_loss_dicts_are_rejected_with_their_keys(method):
         weighting([0.3, 0.2, 0.1])
     # Without "loss" is fine: it is replaced anyway.
     assert "loss" in weighting({k: v for k, v in losses.items() if k != "loss"})
+
+
+@pytest.mark.parametrize(
+    "method", [DynamicWeightAverage, GeometricLossStrategy, RandomLossWeighting, UncertaintyWeighting]
+)
+def test_process_group_must_be_a_group(method):
+    with pytest.raises(TypeError, match="`process_group` to be None"):
+        method(TASKS, process_group="world")
 
 
 def test_a_new_method_is_one_small_subclass():

@@ -6,7 +6,6 @@ from collections.abc import Mapping, Sequence
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from losses import _validation as v
@@ -42,13 +41,22 @@ class TaskWeighting(nn.Module):
             when one is initialized, else a single process.
     """
 
-    def __init__(self, tasks: Sequence[str], *, process_group: Optional[dist.ProcessGroup] = None) -> None:
+    def __init__(self, tasks: Sequence[str], *, process_group: Optional[distributed.ProcessGroup] = None) -> None:
         super().__init__()
         self.tasks = v.task_names(tasks)
         self.process_group = process_group
         self._loss_keys = tuple(f"loss/{task}" for task in self.tasks)
         self._weight_keys = tuple(f"weight/{task}" for task in self.tasks)
         self._known_keys = frozenset((*self._loss_keys, "loss"))
+
+    @property
+    def process_group(self) -> Optional[distributed.ProcessGroup]:
+        """The ranks whose task losses are averaged (``None``: every rank)."""
+        return self._group.group
+
+    @process_group.setter
+    def process_group(self, group: Optional[distributed.ProcessGroup]) -> None:
+        self._group = distributed.GroupHandle(distributed.check_group("process_group", group))
 
     def extra_repr(self) -> str:
         return f"tasks={list(self.tasks)}"
@@ -92,4 +100,5 @@ class TaskWeighting(nn.Module):
 
     def _mean_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         """The average of ``tensor`` over the ranks of the group: one ``all_reduce``; a copy on one process."""
-        return distributed.all_reduce_sum(tensor, self.process_group) / distributed.world_size(self.process_group)
+        group = self._group.get()
+        return distributed.all_reduce_sum(tensor, group) / distributed.world_size(group)

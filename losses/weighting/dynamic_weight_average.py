@@ -7,8 +7,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 
+from losses import distributed
 from losses.weighting._base import TaskWeighting
 
 
@@ -89,7 +89,7 @@ class DynamicWeightAverage(TaskWeighting):
         temperature: float = 2.0,
         window: int = 100,
         *,
-        process_group: Optional[dist.ProcessGroup] = None,
+        process_group: Optional[distributed.ProcessGroup] = None,
     ) -> None:
         super().__init__(tasks, process_group=process_group)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
+from losses import distributed
 from losses.weighting._base import TaskWeighting
 
 
@@ -70,7 +70,7 @@ class GeometricLossStrategy(TaskWeighting):
         {'loss/click': 0.8, 'loss/reply': 0.05, 'weight/click': 0.125, 'weight/reply': 2.0, 'loss': 0.2}
     """
 
-    def __init__(self, tasks: Sequence[str], *, process_group: Optional[dist.ProcessGroup] = None) -> None:
+    def __init__(self, tasks: Sequence[str], *, process_group: Optional[distributed.ProcessGroup] = None) -> None:
         super().__init__(tasks, process_group=process_group)
 
     def weights(self, task_losses: torch.Tensor) -> torch.Tensor:

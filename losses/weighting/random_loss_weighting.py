@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 
+from losses import distributed
 from losses.weighting._base import TaskWeighting
 
 #: Seeds and steps each get 32 bits of the generator's seed, so no two (seed, step) pairs share a draw.
@@ -69,7 +69,7 @@ class RandomLossWeighting(TaskWeighting):
     """
 
     def __init__(
-        self, tasks: Sequence[str], *, seed: int = 0, process_group: Optional[dist.ProcessGroup] = None
+        self, tasks: Sequence[str], *, seed: int = 0, process_group: Optional[distributed.ProcessGroup] = None
     ) -> None:
         super().__init__(tasks, process_group=process_group)
         if isinstance(seed, bool) or not isinstance(seed, int):

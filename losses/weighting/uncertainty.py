@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from typing import Optional, Union
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from losses import distributed
 from losses.weighting._base import TaskWeighting
 
 #: The factor :math:`c_t` of each form: :math:`c_t (e^{-s_t} L_t + s_t)`.
@@ -77,7 +77,7 @@ class UncertaintyWeighting(TaskWeighting):
         init: Union[float, Sequence[float]] = 0.0,
         *,
         regression: Sequence[str] = (),
-        process_group: Optional[dist.ProcessGroup] = None,
+        process_group: Optional[distributed.ProcessGroup] = None,
     ) -> None:
         super().__init__(tasks, process_group=process_group)
         self.log_variance = nn.Parameter(_initial_log_variances(init, len(self.tasks)))
