@@ -6,6 +6,7 @@ from losses.cross_entropy import CrossEntropyLoss
 from losses.loss_type import LossType
 from losses.metrics import GlobalLoss, MultiTaskGlobalLoss
 from losses.multi_task import MultiTaskLoss
+from losses.ranking_metrics import MultiTaskRankingMetrics
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,7 @@ __all__ = [
     "LossType",
     "MultiTaskGlobalLoss",
     "MultiTaskLoss",
+    "MultiTaskRankingMetrics",
     "__version__",
     "build_loss",
     "build_multi_task_loss",

@@ -151,7 +151,7 @@ def elements(
     return Elements(x, weight, positive)
 
 
-def _sums(
+def unchecked_ranking_sums(
     logits: torch.Tensor,
     labels: torch.Tensor,
     weights: Optional[torch.Tensor],
@@ -225,7 +225,7 @@ def ranking_sums(
     )
     if neg_sampling_rates is not None:
         check_sampling_rates(neg_sampling_rates, logits.shape[1])
-    return _sums(logits, labels, weights, mask, neg_sampling_rates)
+    return unchecked_ranking_sums(logits, labels, weights, mask, neg_sampling_rates)
 
 
 def undefined_message(sums: torch.Tensor, tasks: Sequence[str]) -> Optional[str]:
