@@ -4,7 +4,7 @@ from losses.bce import BCEWithLogitsLoss
 from losses.builders import build_loss, build_multi_task_loss, get_global_loss_detached
 from losses.cross_entropy import CrossEntropyLoss
 from losses.loss_type import LossType
-from losses.metrics import GlobalLoss, MultiTaskGlobalLoss
+from losses.metrics import GlobalLoss, MultiTaskGlobalLoss, sync_for_checkpoint
 from losses.multi_task import MultiTaskLoss
 from losses.ranking_metrics import MultiTaskRankingMetrics
 
@@ -22,4 +22,5 @@ __all__ = [
     "build_loss",
     "build_multi_task_loss",
     "get_global_loss_detached",
+    "sync_for_checkpoint",
 ]

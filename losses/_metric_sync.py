@@ -250,10 +250,10 @@ class SumMetric(Metric):
         rank = _group_rank(self.process_group)
         if size > 1 and rank == 0:
             warnings.warn(
-                f"Loaded a checkpoint of {type(self).__name__} written by losses 0.1.0, which saved one "
-                f"rank's local sums only. They are counted once, on rank 0 of {size}; whatever the other "
-                "ranks had recorded before that save is not in the file. To resume exactly from now on, "
-                "save new checkpoints with this version (see 'Checkpoints' in docs/logging.rst).",
+                "Loaded metric sums written by losses 0.1.0, which saved one rank's local sums only. "
+                f"They are counted once, on rank 0 of {size}; whatever the other ranks had recorded "
+                "before that save is not in the file. To resume exactly from now on, save new "
+                "checkpoints with this version (see 'Checkpoints' in docs/logging.rst).",
                 UserWarning,
                 stacklevel=4,
             )

@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from losses import _validation as v
-from losses._metric_sync import SUM_DTYPE, SumMetric
+from losses._metric_sync import SUM_DTYPE, SumMetric, sync_sum_metrics
 
 MetricReduction = Literal["mean", "sum"]
 Weight = Union[float, int, torch.Tensor]
@@ -355,3 +355,34 @@ class _Entry(Metric):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.key!r})"
+
+
+def sync_for_checkpoint(module: nn.Module) -> None:
+    r"""Sync every metric of this library inside ``module`` across ranks, so that rank 0 alone can save them.
+
+    Call it on every rank, right before the rank that writes the checkpoint calls ``state_dict()``.
+    It runs one ``all_reduce`` for all the metrics (one per process group and device), whatever
+    their number; the metrics then remember the global sums of this moment, and a checkpoint of
+    any one rank holds everything recorded on every rank. Loading that file on every rank of any
+    world size resumes exactly: rank 0 counts the global sums, the other ranks start from zero.
+    ``compute()`` on every rank does the same for one metric; this is for saves that come without
+    one, such as a save in the middle of an epoch. It does nothing without a process group.
+    Metrics built with ``sync_on_compute=False`` are left out: their values are per rank.
+    In Lightning, :class:`losses.lightning.SyncMetricsOnCheckpoint` calls it for you.
+
+    Args:
+        module: a model, a metric, or any module holding :class:`GlobalLoss` or
+            :class:`MultiTaskGlobalLoss` metrics (at any depth).
+
+    Example:
+        >>> model = torch.nn.Module()
+        >>> model.train_loss = GlobalLoss()
+        >>> model.train_loss.update(torch.tensor(0.5), weight=4)
+        >>> sync_for_checkpoint(model)  # on every rank; a no-op on one process
+        >>> resumed = torch.nn.Module()
+        >>> resumed.train_loss = GlobalLoss()
+        >>> _ = resumed.load_state_dict(model.state_dict())
+        >>> resumed.train_loss.compute()
+        tensor(0.5000, dtype=torch.float64)
+    """
+    sync_sum_metrics(metric for metric in module.modules() if isinstance(metric, SumMetric))
