@@ -7,17 +7,29 @@ from losses.loss_type import LossType
 from losses.metrics import GlobalLoss, MultiTaskGlobalLoss, sync_for_checkpoint
 from losses.multi_task import MultiTaskLoss
 from losses.ranking_metrics import MultiTaskRankingMetrics
+from losses.weighting import (
+    DynamicWeightAverage,
+    GeometricLossStrategy,
+    RandomLossWeighting,
+    TaskWeighting,
+    UncertaintyWeighting,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
+    "DynamicWeightAverage",
+    "GeometricLossStrategy",
     "GlobalLoss",
     "LossType",
     "MultiTaskGlobalLoss",
     "MultiTaskLoss",
     "MultiTaskRankingMetrics",
+    "RandomLossWeighting",
+    "TaskWeighting",
+    "UncertaintyWeighting",
     "__version__",
     "build_loss",
     "build_multi_task_loss",
