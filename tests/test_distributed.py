@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torchmetrics import MetricCollection
 
 from losses import GlobalLoss, MultiTaskGlobalLoss, MultiTaskLoss, get_global_loss_detached
 
@@ -258,3 +259,84 @@ def test_a_sync_is_exactly_one_all_reduce_for_one_task_or_five_hundred(ranks, nu
         assert result["all"] == ["all_reduce", "all_reduce"]
         assert result["loss"] == 1.0
         assert result["single"] == pytest.approx(2 / 3)
+
+
+def _sync_options(rank, world_size):
+    """Every torchmetrics sync option on 3 ranks, each with the collectives it ran."""
+    out = {}
+    pair = dist.new_group([0, 1])  # every rank takes part in creating a group
+    loss = torch.tensor(float(rank + 1), dtype=torch.float64)
+
+    # process_group: ranks 0 and 1 sync among themselves; rank 2 is not in the group.
+    if rank < 2:
+        metric = GlobalLoss(process_group=pair)
+        metric.update(loss, weight=rank + 1)
+        with CountingCollectives() as counter:
+            out["pair"] = (metric.compute().item(), list(counter.calls))
+            out["pair_rank"] = int(metric.state_dict()["saving_rank"])
+    dist.barrier()
+
+    # sync_on_compute=False: this rank's value, no collective.
+    local = GlobalLoss(sync_on_compute=False)
+    local.update(loss, weight=2)
+    with CountingCollectives() as counter:
+        out["local"] = (local.compute().item(), list(counter.calls))
+
+    # dist_sync_on_step=True: forward gives the batch value of all ranks in one all_reduce, and
+    # does not replace the sums that compute() synced (what a checkpoint carries).
+    on_step = MultiTaskGlobalLoss(["fav"], dist_sync_on_step=True)
+    first = {"loss/fav": loss, "loss": loss}
+    on_step.update(first, weight=1)
+    on_step.compute()
+    with CountingCollectives() as counter:
+        step = on_step({"loss/fav": 10 * loss, "loss": 10 * loss}, weight=1)
+        out["on_step"] = (step["loss"].item(), list(counter.calls))
+    state = on_step.state_dict()
+    out["on_step_state"] = (state["synced_sums"].tolist(), state["unsynced_sums"].tolist())
+
+    # A user's dist_sync_fn: torchmetrics' own path, with that function.
+    used = []
+
+    def gather(tensor, group=None):
+        used.append(tuple(tensor.shape))
+        gathered = [torch.zeros_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, tensor, group=group)
+        return gathered
+
+    custom = GlobalLoss(dist_sync_fn=gather)
+    custom.update(loss, weight=rank + 1)
+    out["custom"] = custom.compute().item()
+    out["custom_calls"] = len(used)
+    out["custom_synced"] = custom.state_dict()["synced_sums"].tolist()
+
+    # MetricCollection: one all_reduce per metric it computes.
+    collection = MetricCollection({"mean": GlobalLoss(), "sum": GlobalLoss(reduction="sum")})
+    collection.update(loss, weight=rank + 1)
+    with CountingCollectives() as counter:
+        values = collection.compute()
+        out["collection"] = ({k: v.item() for k, v in values.items()}, list(counter.calls))
+    return out
+
+
+def test_sync_options_process_group_local_on_step_custom_fn_and_collection(ranks):
+    results = ranks(_sync_options, 3)
+    weighted = [(r + 1) * (r + 1) for r in range(3)]  # loss r + 1 with weight r + 1
+    for rank, result in enumerate(results):
+        if rank < 2:
+            assert result["pair"] == (pytest.approx((1 * 1 + 2 * 2) / 3), ["all_reduce"])
+            assert result["pair_rank"] == rank
+        else:
+            assert "pair" not in result
+        assert result["local"] == (float(rank + 1), [])
+        assert result["on_step"] == (pytest.approx(10 * (1 + 2 + 3) / 3), ["all_reduce"])
+        synced, unsynced = result["on_step_state"]
+        # [loss/fav, loss, total_weight, invalid_weights]: the compute's global sums, then this
+        # rank's forward batch as the only record since that sync.
+        assert synced == [6.0, 6.0, 3.0, 0.0]
+        assert unsynced == [10.0 * (rank + 1), 10.0 * (rank + 1), 1.0, 0.0]
+        assert result["custom"] == pytest.approx(sum(weighted) / 6)
+        assert result["custom_calls"] == 3  # one gather per state
+        assert result["custom_synced"] == [sum(weighted), 6.0, 0.0]
+        values, calls = result["collection"]
+        assert values == {"mean": pytest.approx(sum(weighted) / 6), "sum": pytest.approx(sum(weighted))}
+        assert calls == ["all_reduce", "all_reduce"]

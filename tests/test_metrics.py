@@ -4,7 +4,7 @@ import pickle
 
 import pytest
 import torch
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 
 from losses import GlobalLoss, MultiTaskGlobalLoss, MultiTaskLoss
 
@@ -177,3 +177,186 @@ class TestMultiTaskGlobalLoss:
     def test_task_names_are_checked(self):
         with pytest.raises(ValueError, match="duplicates"):
             MultiTaskGlobalLoss(["fav", "fav"])
+
+
+class _Holder(torch.nn.Module):
+    """A model that holds its metrics as submodules, as the docs advise."""
+
+    def __init__(self):
+        super().__init__()
+        self.tower = torch.nn.Linear(2, 2)
+        self.train_loss = GlobalLoss()
+        self.per_task = MultiTaskGlobalLoss(["fav"])
+
+
+CASTS = {
+    "to(bfloat16)": lambda m: m.to(torch.bfloat16),
+    "to(dtype=float16)": lambda m: m.to(dtype=torch.float16),
+    "half()": lambda m: m.half(),
+    "bfloat16()": lambda m: m.bfloat16(),
+    "float()": lambda m: m.float(),
+    "double()": lambda m: m.double(),
+    "type(float16)": lambda m: m.type(torch.float16),
+    "set_dtype(float16)": lambda m: m.train_loss.set_dtype(torch.float16) and m.per_task.set_dtype(torch.float16),
+}
+
+
+class TestFloat64States:
+    @pytest.mark.parametrize("cast", list(CASTS))
+    def test_states_stay_float64_under_every_cast_of_the_model(self, cast):
+        model = _Holder()
+        CASTS[cast](model)
+        for metric in (model.train_loss, model.per_task):
+            for name in metric._defaults:
+                assert getattr(metric, name).dtype == torch.float64, (cast, name)
+                assert metric._defaults[name].dtype == torch.float64, (cast, name)
+
+    def test_twenty_thousand_updates_in_a_bfloat16_model_are_exact(self):
+        model = _Holder().to(torch.bfloat16)
+        assert model.tower.weight.dtype == torch.bfloat16  # the model was cast; the metric was not
+        low, high = torch.tensor(0.6, dtype=torch.float64), torch.tensor(0.8, dtype=torch.float64)
+        for step in range(20_000):
+            model.train_loss.update(low if step % 2 else high, weight=1)
+        assert model.train_loss.compute().item() == pytest.approx(0.7, rel=1e-14)
+        assert model.train_loss.total_weight.item() == 20_000
+
+    def test_device_moves_still_apply_and_cached_results_keep_their_dtype(self):
+        moved = _Holder().to("meta", torch.bfloat16)
+        assert moved.train_loss.weighted_sum.device.type == "meta"
+        assert moved.train_loss.weighted_sum.dtype == torch.float64
+        assert moved.per_task.device.type == "meta"
+        model = _Holder()
+        model.train_loss.update(torch.tensor(0.3, dtype=torch.float64), 2)
+        model.train_loss.compute()
+        model.to("cpu", torch.bfloat16)
+        cached = model.train_loss.compute()
+        assert cached.dtype == torch.float64  # the cached value was not cast with the model
+        assert cached.item() == 0.3
+
+
+class TestWeights:
+    """One rule for Python numbers and tensors: a non-negative finite number, not a bool."""
+
+    @pytest.mark.parametrize("bad", [-3.0, math.inf, math.nan])
+    def test_a_bad_python_weight_is_refused_at_once(self, bad):
+        with pytest.raises(ValueError, match="`weight` to be non-negative and finite"):
+            GlobalLoss().update(torch.tensor(0.5), bad)
+
+    @pytest.mark.parametrize("bad", [-3.0, math.inf, math.nan])
+    def test_a_bad_tensor_weight_adds_nothing_and_compute_raises(self, bad):
+        for metric, loss in ((GlobalLoss(), torch.tensor(0.5)), (MultiTaskGlobalLoss(TASKS), _losses([0.5] * 4))):
+            metric.update(loss, torch.tensor(2.0))
+            metric.update(loss, torch.tensor(bad))
+            assert metric.total_weight.item() == 2.0
+            with pytest.raises(ValueError, match=r"`weight` to be non-negative and finite, got 1 tensor weight"):
+                metric.compute()
+            metric.reset()
+            metric.update(loss, torch.tensor(2.0))
+            metric.compute()  # fine again after reset
+
+    def test_bools_are_refused_as_numbers_and_as_tensors(self):
+        metric = GlobalLoss()
+        with pytest.raises(TypeError, match="`weight` to be a number or a one-element tensor, got bool"):
+            metric.update(torch.tensor(0.5), True)
+        with pytest.raises(TypeError, match=r"one-element tensor of real numbers, got torch.bool"):
+            metric.update(torch.tensor(0.5), torch.tensor(True))
+        with pytest.raises(TypeError, match=r"got torch.complex64"):
+            metric.update(torch.tensor(0.5), torch.tensor(1 + 1j))
+
+    def test_integer_tensor_weights_count(self):
+        metric = GlobalLoss()
+        metric.update(torch.tensor(1.0), torch.tensor(3))
+        metric.update(torch.tensor(2.0), torch.tensor([1]))
+        assert metric.compute().item() == 1.25
+
+    @pytest.mark.parametrize("weight", [0, 0.0, torch.tensor(0.0), torch.tensor(0)])
+    def test_a_zero_weight_adds_nothing_even_to_a_nan_loss(self, weight):
+        metric, per_task = GlobalLoss(), MultiTaskGlobalLoss(TASKS)
+        metric.update(torch.tensor(0.5), 4)
+        per_task.update(_losses([0.5] * 4), 4)
+        metric.update(torch.tensor(math.nan), weight)  # the loss of a rank with no labelled sample
+        per_task.update(_losses([math.nan, math.inf, 0.5, math.nan]), weight)
+        assert metric.compute().item() == 0.5
+        assert all(value.item() == 0.5 for value in per_task.compute().values())
+
+    def test_a_tensor_weight_costs_no_host_sync(self, monkeypatch):
+        metric = GlobalLoss()
+
+        def forbidden(*args, **kwargs):
+            raise AssertionError("update read a tensor value on the host")
+
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+            monkeypatch.setattr(torch.Tensor, name, forbidden)
+        metric.update(torch.tensor(0.5), torch.tensor(-1.0))
+        metric.update(torch.tensor(0.5), torch.tensor(0.0))
+        monkeypatch.undo()
+        assert metric.invalid_weights.item() == 1
+
+
+class TestStepValue:
+    """After update(), the batch value is where Lightning's on_step logging reads it."""
+
+    def test_update_records_the_batch_value(self):
+        mean, total = GlobalLoss(), GlobalLoss(reduction="sum")
+        for metric in (mean, total):
+            metric.update(torch.tensor(0.25), weight=4)
+            metric.update(torch.tensor(0.5), weight=torch.tensor(2))
+        assert mean._forward_cache.item() == 0.5
+        assert total._forward_cache.item() == 1.0
+        assert mean.compute().item() == pytest.approx(1 / 3)
+
+    def test_entries_give_the_batch_value_of_update_and_of_forward(self):
+        metric = MultiTaskGlobalLoss(TASKS)
+        metric.update(_losses([0.1, 0.2, 0.3, 0.2]), weight=2)
+        assert metric["loss/reply"]._forward_cache.item() == pytest.approx(0.2)
+        out = metric(_losses([0.5, 0.6, 0.7, 0.6]), weight=2)
+        assert metric["loss/click"]._forward_cache.item() == pytest.approx(0.7) == out["loss/click"].item()
+        assert metric["loss"].compute().item() == pytest.approx(0.4)
+
+
+class TestEntries:
+    """MultiTaskGlobalLoss as a read-only mapping of entry metrics, for Lightning's log_dict."""
+
+    def test_mapping_of_entry_metrics_in_key_order(self):
+        metric = MultiTaskGlobalLoss(TASKS)
+        assert list(metric) == list(metric.keys()) == [*(f"loss/{t}" for t in TASKS), "loss"]
+        assert len(metric) == 4 and "loss/fav" in metric and "loss/share" not in metric
+        assert [key for key, _ in metric.items()] == list(metric.keys())
+        assert all(isinstance(entry, Metric) for entry in metric.values())
+        assert dict(metric)["loss/fav"] is metric["loss/fav"]
+        with pytest.raises(KeyError, match="got 'loss/share'"):
+            metric["loss/share"]
+
+    def test_entries_share_one_compute(self):
+        metric = MultiTaskGlobalLoss(TASKS)
+        metric.update(_losses([0.1, 0.2, 0.3, 0.2]), weight=1)
+        calls = []
+        inner = metric.compute
+
+        def counting():
+            calls.append(1)
+            return inner()
+
+        values = {key: entry.compute().item() for key, entry in metric.items()}
+        assert values == pytest.approx({"loss/fav": 0.1, "loss/reply": 0.2, "loss/click": 0.3, "loss": 0.2})
+        assert metric._computed is not None  # the parent's cached compute served every entry
+        metric.compute = counting
+        metric["loss/fav"].compute()
+        assert calls == [1]
+
+    def test_entry_reset_resets_the_metric_and_update_points_to_it(self):
+        metric = MultiTaskGlobalLoss(TASKS)
+        metric.update(_losses([0.1, 0.2, 0.3, 0.2]), weight=1)
+        metric["loss"].reset()
+        assert metric.total_weight.item() == 0.0
+        with pytest.raises(TypeError, match=r"`update` to be called on the MultiTaskGlobalLoss"):
+            metric["loss"].update(torch.tensor(1.0))
+
+    def test_entries_are_not_in_the_state_dict_and_survive_copies(self):
+        metric = MultiTaskGlobalLoss(TASKS)
+        metric.update(_losses([0.1, 0.2, 0.3, 0.2]), weight=1)
+        assert set(metric.state_dict()) == {"synced_sums", "unsynced_sums", "saving_rank", "sum_format"}
+        for clone in (copy.deepcopy(metric), pickle.loads(pickle.dumps(metric))):
+            assert clone["loss/click"].parent is clone
+            assert clone["loss/click"].compute().item() == pytest.approx(0.3)
+        assert repr(metric) == "MultiTaskGlobalLoss(tasks=['fav', 'reply', 'click'], reduction='mean')"
