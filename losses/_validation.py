@@ -8,11 +8,19 @@ when a loss was built with ``check_inputs=True``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any, Optional, Protocol, Union
 
 import torch
 
-TensorLike = Union[torch.Tensor, Sequence[float]]
+
+class SupportsArray(Protocol):
+    """Anything NumPy can turn into an array: a NumPy array, or an object with ``__array__``."""
+
+    def __array__(self) -> Any: ...
+
+
+#: What a weight argument accepts: a tensor, a sequence of numbers, or an array.
+TensorLike = Union[torch.Tensor, Sequence[float], SupportsArray]
 
 #: Reductions that reduce a tensor of element losses to one value (or keep them, ``none``).
 ELEMENT_REDUCTIONS = ("mean", "sum", "none")
@@ -35,29 +43,41 @@ def check_probability(name: str, value: Any) -> float:
 
 
 def weight_tensor(name: str, value: Optional[TensorLike]) -> Optional[torch.Tensor]:
-    """Turn a weight given as a tensor or a sequence into a detached, one-dimensional floating tensor.
+    """Turn a weight into a detached, one-dimensional floating tensor.
 
-    The weight must be non-negative and finite. Checking that reads the data once, which is fine
-    here because it runs at construction, not in ``forward``.
+    ``value`` is a tensor (copied, its floating dtype kept), or anything :func:`torch.as_tensor`
+    takes that holds real numbers (a list, a tuple, a NumPy array, an object with ``__array__``),
+    converted to the default dtype. The weight must be non-negative and finite. Checking that reads
+    the data once, which is fine here because it runs at construction, not in ``forward``; the
+    values of a ``meta`` tensor cannot be read and are not checked.
     """
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
         tensor = value.detach().clone()
-    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        try:
-            tensor = torch.as_tensor(value)
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise TypeError(f"Expected `{name}` to be a tensor or a sequence of numbers, got {value!r}.") from err
+    elif isinstance(value, (str, bytes)) or not (isinstance(value, Sequence) or hasattr(value, "__array__")):
+        raise TypeError(
+            f"Expected `{name}` to be a tensor, a sequence or an array of numbers, got {type(value).__name__}."
+        )
     else:
-        raise TypeError(f"Expected `{name}` to be a tensor or a sequence of numbers, got {type(value).__name__}.")
+        try:
+            if not isinstance(value, Sequence):
+                import numpy  # an object with __array__ comes from a library that has NumPy
+
+                value = numpy.array(value)  # a copy: torch cannot take a view with negative strides
+            # On the CPU, so that the values can be checked even under a `torch.device("meta")` context.
+            tensor = torch.as_tensor(value, device="cpu")
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(f"Expected `{name}` to be a sequence or an array of numbers, got {value!r}.") from err
+        if tensor.is_floating_point():  # a float64 NumPy array gives a buffer of the default dtype, as a list does
+            tensor = tensor.to(torch.get_default_dtype())
     if tensor.dtype == torch.bool or tensor.is_complex():
         raise TypeError(f"Expected `{name}` to hold real numbers, got dtype {tensor.dtype}.")
     if not tensor.is_floating_point():
         tensor = tensor.to(torch.get_default_dtype())
     if tensor.ndim != 1:
         raise ValueError(f"Expected `{name}` to have 1 dimension(s), got shape {tuple(tensor.shape)}.")
-    if not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
+    if tensor.device.type != "meta" and (not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any())):
         raise ValueError(f"Expected `{name}` to be non-negative and finite, got {tensor.tolist()}.")
     return tensor
 

@@ -32,7 +32,8 @@ class BCEWithLogitsLoss(_Loss):
 
     Args:
         pos_weight: weight of positive examples, one per class (last dimension of the logits);
-            a tensor or a sequence of non-negative finite numbers. Default: ``None`` (all 1).
+            a tensor, a sequence or an array (NumPy included) of non-negative finite numbers.
+            Default: ``None`` (all 1).
             Stored as a buffer, so it follows ``.to()`` and is saved in ``state_dict()``.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``. Default: ``"mean"``.
         label_smoothing: :math:`\varepsilon \in [0, 1]`. Default: ``0.0``.

@@ -33,7 +33,8 @@ class CrossEntropyLoss(_Loss):
     zero gradient, and an empty tensor for ``none``.
 
     Args:
-        weight: a weight per class, shape :math:`(C)`, non-negative and finite. Default: ``None``.
+        weight: a weight per class, shape :math:`(C)`, non-negative and finite: a tensor, a
+            sequence or an array (NumPy included). Default: ``None``.
             Stored as a buffer.
         ignore_index: a class-index label that contributes neither loss nor gradient. Default: ``-100``.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``. Default: ``"mean"``.

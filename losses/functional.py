@@ -24,6 +24,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
 
 
+def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # Skipping the call when nothing changes matters for small batches, where each op counts.
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _as_block(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    weights = _as_dtype(weights, dtype)
+    return weights.unsqueeze(1) if weights.ndim == 1 else weights
+
+
 def safe_divide(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
     """``numerator / denominator``, and 0 where the denominator is exactly 0.
 
@@ -164,8 +174,8 @@ def cross_entropy(
         )
     dtype = compute_dtype(logits.dtype)
     logits = logits.to(dtype)
-    if labels.is_floating_point():
-        labels = labels.to(dtype)
+    # torch takes int64 (or uint8) class indices only; every other integer dtype is converted.
+    labels = labels.to(dtype) if labels.is_floating_point() else _as_dtype(labels, torch.long)
     if class_weight is not None:
         class_weight = class_weight.to(dtype)
     probability_labels = labels.is_floating_point()
@@ -249,16 +259,6 @@ def check_multi_task_inputs(
         v.check_same_shape("mask", mask, block, "logits" if not num_class_dims else "labels")
 
 
-def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # Skipping the call when nothing changes matters for small batches, where each op counts.
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)
-
-
-def _as_block(weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    weights = _as_dtype(weights, dtype)
-    return weights.unsqueeze(1) if weights.ndim == 1 else weights
-
-
 def multi_task_bce(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -315,37 +315,85 @@ def multi_task_bce(
     return result
 
 
-def multi_task_cross_entropy_sums(
+#: The class-index label that marks an entry without a label, as in :func:`torch.nn.functional.cross_entropy`.
+IGNORE_INDEX = -100
+
+
+def multi_task_cross_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
     weights: Optional[torch.Tensor] = None,
     mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    r"""Per-task sums of softmax cross-entropy, one class distribution per (sample, task).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Softmax cross-entropy of every (sample, task) entry, and which entries are labelled.
 
     .. math::
-        S_t = -\sum_{b} m_{bt}\, w_{bt} \log \mathrm{softmax}(x_{bt})_{y_{bt}}
+        \ell_{bt} = -m_{bt}\, w_{bt} \log \mathrm{softmax}(x_{bt})_{y_{bt}},
+        \qquad m_{bt} = \text{mask}_{bt} \wedge (y_{bt} \ne -100)
+
+    A label of ``-100`` (torch's ``ignore_index``) is unlabelled, exactly like a false ``mask``
+    entry. An unlabelled entry gives 0 and a zero gradient whatever its logits, label and weight
+    hold (NaN and inf included): they are replaced before the math, not multiplied by 0 after.
+    Labels of any integer dtype are converted to int64.
 
     Shape:
         - logits: ``(B, T, C)``; labels (class indices), mask: ``(B, T)``; weights: ``(B, T)`` or ``(B)``.
-        - output: ``(T)``.
+        - output: the element losses ``(B, T)`` and the labelled entries ``m``, bool ``(B, T)``.
 
     Example:
         >>> logits = torch.zeros(2, 1, 4)
-        >>> multi_task_cross_entropy_sums(logits, torch.tensor([[3], [0]]))
-        tensor([2.7726])
+        >>> multi_task_cross_entropy(logits, torch.tensor([[3], [-100]]))
+        (tensor([[1.3863],
+                [0.0000]]), tensor([[ True],
+                [False]]))
     """
     dtype = compute_dtype(logits.dtype)
     batch, tasks, classes = logits.shape
+    labels = _as_dtype(labels, torch.long)
+    labelled = labels != IGNORE_INDEX
     if mask is not None:
-        labels = torch.where(mask, labels, 0)
-    elements = F.cross_entropy(logits.to(dtype).reshape(batch * tasks, classes), labels.reshape(-1), reduction="none")
+        labelled = labelled & mask
+    safe_logits = torch.where(labelled.unsqueeze(-1), _as_dtype(logits, dtype), 0.0)
+    safe_labels = torch.where(labelled, labels, 0)
+    elements = F.cross_entropy(safe_logits.view(batch * tasks, classes), safe_labels.view(-1), reduction="none")
     elements = elements.view(batch, tasks)
-    if weights is not None:
-        elements = elements * _as_block(weights, dtype)
+    if weights is None:
+        elements = torch.where(labelled, elements, 0.0)
+    else:
+        elements = elements * torch.where(labelled, _as_block(weights, dtype), 0.0)
+    return elements, labelled
+
+
+def multi_task_bce_elements(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    pos_weight: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""Binary cross-entropy of every entry of a ``[B, T]`` block, 0 where ``mask`` is false.
+
+    The element losses of :func:`multi_task_bce`, built from differentiable torch operations (so
+    every autograd mode and ``torch.func`` transform works): unlabelled entries are replaced
+    before the math, so they give 0 and a zero gradient whatever they hold.
+
+    Shape:
+        - logits, labels, mask: ``(B, T)``; weights: ``(B, T)`` or ``(B)``; pos_weight: ``(T)``.
+        - output: ``(B, T)``, float32 for half-precision logits.
+
+    Example:
+        >>> logits = torch.tensor([[0.0, float("nan")]])
+        >>> multi_task_bce_elements(logits, torch.tensor([[1, 0]]), torch.ones(2), mask=torch.tensor([[True, False]]))
+        tensor([[0.6931, 0.0000]])
+    """
+    dtype = compute_dtype(logits.dtype)
+    x, y = _as_dtype(logits, dtype), _as_dtype(labels, dtype)
+    w = None if weights is None else _as_block(weights, dtype)
     if mask is not None:
-        elements = elements * mask
-    return elements.sum(0)
+        x, y = torch.where(mask, x, 0.0), torch.where(mask, y, 0.0)
+        # A zero weight removes the entry's loss and gradient; the replaced inputs keep both finite.
+        w = _as_dtype(mask, dtype) if w is None else torch.where(mask, w, 0.0)
+    return F.binary_cross_entropy_with_logits(x, y, weight=w, pos_weight=_as_dtype(pos_weight, dtype), reduction="none")
 
 
 def task_counts(
@@ -363,19 +411,23 @@ GlobalReduction = Literal["mean", "sum", "min", "max", "median"]
 
 
 def reduce_tasks(task_losses: torch.Tensor, task_weight: torch.Tensor, reduction: GlobalReduction) -> torch.Tensor:
-    """Scale the per-task losses ``(T)`` by ``task_weight`` and reduce them to one value.
+    """Scale the per-task losses by ``task_weight`` and reduce them to one value.
 
-    ``median`` of an even count is the lower of the two middle values, as :func:`torch.median`.
+    ``task_losses`` is ``(T)``, or ``(T, B)`` for element losses, which are reduced over every
+    entry as the ancestor reduced its stacked ``[B]`` task losses. ``median`` of an even count is
+    the lower of the two middle values, as :func:`torch.median`. No entries (``(T, 0)``) give 0.
 
     Example:
         >>> reduce_tasks(torch.tensor([1.0, 2.0, 6.0]), torch.tensor([1.0, 1.0, 0.5]), "max")
         tensor(3.)
     """
+    if task_losses.ndim == 2:
+        task_weight = task_weight.unsqueeze(1)
     weighted = task_losses * task_weight.to(task_losses.dtype)
+    if reduction == "sum" or weighted.numel() == 0:
+        return weighted.sum()
     if reduction == "mean":
         return weighted.mean()
-    if reduction == "sum":
-        return weighted.sum()
     if reduction == "min":
         return weighted.min()
     if reduction == "max":

@@ -14,10 +14,10 @@ from losses import distributed, functional
 from losses.functional import GlobalReduction
 from losses.loss_type import LossType, parse_loss_type
 
-TaskReduction = Literal["mean", "sum"]
+TaskReduction = Literal["mean", "sum", "none"]
 Normalize = Literal["local", "global"]
 
-TASK_REDUCTIONS = ("mean", "sum")
+TASK_REDUCTIONS = ("mean", "sum", "none")
 GLOBAL_REDUCTIONS = ("mean", "sum", "min", "max", "median")
 NORMALIZATIONS = ("local", "global")
 
@@ -55,10 +55,17 @@ class MultiTaskLoss(nn.Module):
     for ``task_loss_reduction="mean"`` (:math:`N_t = 1` for ``sum``; :math:`L_t = 0` with a zero
     gradient when :math:`N_t = 0`, an empty batch included, for every reduction). :math:`\ell` is
     binary cross-entropy with the task's ``pos_weight`` (see :class:`~losses.BCEWithLogitsLoss`)
-    or softmax cross-entropy over a class dimension. The global
-    loss is ``global_reduction`` over :math:`\tau_t L_t` with :math:`\tau` the ``task_weights``.
-    Weights are multipliers: ``mean`` divides by the number of labelled entries, not by the
-    weight sum, exactly as :func:`torch.nn.functional.binary_cross_entropy_with_logits`.
+    or softmax cross-entropy over a class dimension. The global loss is ``global_reduction`` over
+    :math:`\tau_t L_t` with :math:`\tau` the ``task_weights``. Weights are multipliers: ``mean``
+    divides by the number of labelled entries, not by the weight sum, exactly as
+    :func:`torch.nn.functional.binary_cross_entropy_with_logits`.
+
+    ``task_loss_reduction="none"`` keeps the ancestor's semantics: each task's value is the
+    ``[B]`` tensor of its element losses :math:`m_{bt} w_{bt} \ell(x_{bt}, y_{bt})` (0 at unlabelled
+    entries), and ``"loss"`` is ``global_reduction`` over all :math:`T \times B` values
+    :math:`\tau_t m_{bt} w_{bt} \ell_{bt}` at once, unlabelled zeros included (``mean`` divides by
+    :math:`T B`), exactly as the ancestor reduced its stacked task tensors. ``normalize`` does not
+    apply to it.
 
     With ``normalize="global"`` and a process group, :math:`N_t` is summed over the ranks of
     ``process_group`` (one ``all_reduce`` of ``T`` numbers) and the local sum is multiplied by that
@@ -72,16 +79,22 @@ class MultiTaskLoss(nn.Module):
         tasks: the task names, in the order of the task dimension of the logits.
         loss_type: :attr:`LossType.BCE_WITH_LOGITS` (logits ``[B, T]``) or
             :attr:`LossType.CROSS_ENTROPY` (logits ``[B, T, C]``, class-index labels). Default: BCE.
-        pos_weights: one positive weight per task (BCE only). Default: ``None`` (all 1).
-        task_weights: one multiplier per task for the global reduction. Default: ``None`` (all 1).
-        task_loss_reduction: ``"mean"`` | ``"sum"`` over the batch. Default: ``"mean"``.
+        pos_weights: one positive weight per task (BCE only): a tensor, a sequence or an array
+            (NumPy included) of non-negative finite numbers. Default: ``None`` (all 1).
+        task_weights: one multiplier per task for the global reduction, given the same ways.
+            Default: ``None`` (all 1).
+        task_loss_reduction: ``"mean"`` | ``"sum"`` over the batch, or ``"none"`` for one loss
+            per sample. Default: ``"mean"``.
         global_reduction: ``"mean"`` | ``"sum"`` | ``"min"`` | ``"max"`` | ``"median"`` over the
             weighted task losses. Default: ``"mean"``.
         normalize: ``"local"`` | ``"global"``, where ``mean`` counts labelled entries. Default: ``"local"``.
-        check_inputs: if ``True``, ``forward`` also checks values: finite logits, labelled
-            entries' labels in [0, 1] (BCE) or ``[0, C)`` (cross-entropy), non-negative finite
-            weights. This waits for the device on every call, so it is off by default; turn it on
-            to find where a NaN comes from. Default: ``False``.
+        check_inputs: if ``True``, ``forward`` also checks the values of labelled entries: finite
+            logits, labels in [0, 1] (BCE) or ``[0, C)`` or ``-100`` (cross-entropy), non-negative
+            finite weights; a bad value is a ``ValueError`` naming the argument and its index.
+            This waits for the device on every call, so it is off by default; turn it on to find
+            where a NaN comes from. Without it, a class index outside ``[0, C)`` other than
+            ``-100`` gets torch's own error (an ``IndexError`` on the CPU, a device-side assert
+            on CUDA). Meta tensors are not checked (they hold no values). Default: ``False``.
         process_group: the ranks ``normalize="global"`` counts over: the group DDP averages over
             (its ``process_group`` argument). Only the group's ranks may call the loss; another
             rank gets a ``ValueError``. Kept as an attribute, not a buffer: ``deepcopy`` shares
@@ -95,10 +108,14 @@ class MultiTaskLoss(nn.Module):
     Shape:
         - logits: :math:`(B, T)` for BCE, :math:`(B, T, C)` for cross-entropy; half precision is
           computed in float32.
-        - labels: :math:`(B, T)`; float, int or bool for BCE, class indices for cross-entropy.
+        - labels: :math:`(B, T)`; float, int or bool for BCE; class indices of any integer dtype
+          for cross-entropy, where ``-100`` (torch's ``ignore_index``) marks an unlabelled entry.
         - weights: optional, :math:`(B, T)`, or :math:`(B)` for the same weight on every task.
-        - mask: optional bool :math:`(B, T)`, true where a label exists.
-        - output: a dict ``{"loss/<task>": scalar, ..., "loss": scalar}`` in task order.
+        - mask: optional bool :math:`(B, T)`, true where a label exists. An entry it leaves out
+          (or a cross-entropy label ``-100``) adds nothing to the loss, the count or the gradient,
+          whatever its logits, label and weight hold (NaN and inf included).
+        - output: a dict ``{"loss/<task>": scalar, ..., "loss": scalar}`` in task order; each task's
+          value is :math:`(B)` for ``task_loss_reduction="none"``. float32 for half precision.
 
     Examples:
         >>> loss = MultiTaskLoss(["fav", "reply"], pos_weights=[1.0, 4.0])
@@ -177,13 +194,19 @@ class MultiTaskLoss(nn.Module):
         functional.check_multi_task_inputs(logits, labels, weights, mask, len(self.tasks), int(cross_entropy))
         if self.check_inputs:
             self._check_values(logits, labels, weights, mask)
-        scale = self._task_scale(mask, logits)
         if cross_entropy:
-            task_losses = functional.multi_task_cross_entropy_sums(logits, labels, weights, mask)
+            elements, labelled = functional.multi_task_cross_entropy(logits, labels, weights, mask)
+            if self.task_loss_reduction == "none":
+                return self._result(elements.unbind(1), elements.t())
+            task_losses = elements.sum(0)
+            scale = self._task_scale(labelled, logits)
             if scale is not None:
                 task_losses = task_losses * scale
-            total = functional.reduce_tasks(task_losses, self.task_weight, self.global_reduction)
-        elif len(self.tasks) == 1 and mask is None and (self.normalize == "local" or not distributed.is_distributed()):
+            return self._result(task_losses.unbind(), task_losses)
+        if self.task_loss_reduction == "none":
+            elements = functional.multi_task_bce_elements(logits, labels, self.pos_weight, weights, mask)
+            return self._result(elements.unbind(1), elements.t())
+        if len(self.tasks) == 1 and mask is None and (self.normalize == "local" or not distributed.is_distributed()):
             # One task has nothing to fuse: torch's own BCE call, which reduces in C++, is the
             # cheapest way, and it is the same math.
             if weights is not None and weights.ndim == 1:
@@ -192,19 +215,25 @@ class MultiTaskLoss(nn.Module):
                 logits, labels, weights, self.pos_weight, reduction=self.task_loss_reduction
             )
             return {self._keys[0]: task_loss, "loss": task_loss * self.task_weight.squeeze(0)}
-        else:
-            task_losses, total = functional.multi_task_bce(
-                logits, labels, self.pos_weight, weights, mask, scale, self.task_weight, self._global_factor
-            )
-            if self._global_factor is None:
-                total = functional.reduce_tasks(task_losses, self.task_weight, self.global_reduction)
-        losses = dict(zip(self._keys, task_losses.unbind(), strict=True))
-        losses["loss"] = total
+        scale = self._task_scale(mask, logits)
+        task_losses, total = functional.multi_task_bce(
+            logits, labels, self.pos_weight, weights, mask, scale, self.task_weight, self._global_factor
+        )
+        return self._result(task_losses.unbind(), task_losses, None if self._global_factor is None else total)
+
+    def _result(
+        self, task_values: Sequence[torch.Tensor], reduced: torch.Tensor, total: Optional[torch.Tensor] = None
+    ) -> dict[str, torch.Tensor]:
+        """The output dict: one value per task, then ``"loss"`` (``reduced`` over tasks unless given)."""
+        losses = dict(zip(self._keys, task_values, strict=True))
+        losses["loss"] = (
+            functional.reduce_tasks(reduced, self.task_weight, self.global_reduction) if total is None else total
+        )
         return losses
 
     def _task_scale(self, mask: Optional[torch.Tensor], logits: torch.Tensor) -> Union[float, torch.Tensor, None]:
         """What multiplies each task's sum: one over its labelled count for ``mean``, nothing for ``sum``."""
-        if self.task_loss_reduction == "sum":
+        if self.task_loss_reduction != "mean":
             return None
         batch = logits.shape[0]
         dtype = functional.compute_dtype(logits.dtype)
@@ -221,8 +250,16 @@ class MultiTaskLoss(nn.Module):
     def _check_values(
         self, logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor], mask: Optional[torch.Tensor]
     ) -> None:
-        v.check_values("logits", logits)
-        high = logits.shape[2] - 1 if self.loss_type is LossType.CROSS_ENTROPY else 1
-        v.check_values("labels", labels, low=0, high=high, where=mask)
+        # Only labelled entries are checked: the others contribute nothing, whatever they hold.
+        labelled = mask
+        if self.loss_type is LossType.CROSS_ENTROPY:
+            v.check_values(
+                "labels", labels, low=0, high=logits.shape[2] - 1, where=mask, allowed=functional.IGNORE_INDEX
+            )
+            labelled = labels != functional.IGNORE_INDEX if mask is None else mask & (labels != functional.IGNORE_INDEX)
+            v.check_values("logits", logits, where=labelled.unsqueeze(-1).expand_as(logits))
+        else:
+            v.check_values("labels", labels, low=0, high=1, where=mask)
+            v.check_values("logits", logits, where=mask)
         if weights is not None:
-            v.check_values("weights", weights, low=0)
+            v.check_values("weights", weights, low=0, where=labelled if weights.ndim == 2 else None)

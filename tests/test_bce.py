@@ -160,7 +160,9 @@ class TestErrors:
             BCEWithLogitsLoss(pos_weight=bad)
 
     def test_pos_weight_of_wrong_type(self):
-        with pytest.raises(TypeError, match="`pos_weight` to be a tensor or a sequence of numbers, got float"):
+        with pytest.raises(
+            TypeError, match="`pos_weight` to be a tensor, a sequence or an array of numbers, got float"
+        ):
             BCEWithLogitsLoss(pos_weight=2.0)  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="`pos_weight` to hold real numbers, got dtype torch.bool"):
             BCEWithLogitsLoss(pos_weight=torch.tensor([True]))
@@ -210,3 +212,46 @@ def test_empty_batch_gives_zero_not_nan(reduction, use_weights):
         assert out.item() == 0.0
     out.sum().backward()
     assert torch.equal(x.grad, torch.zeros(0, 3))
+
+
+class TestArrayLikeWeights:
+    def test_numpy_arrays_and_tuples_become_the_same_buffer(self):
+        np = pytest.importorskip("numpy")
+        for value in (
+            np.array([1.0, 2.5]),
+            np.array([1, 2.5], dtype=np.float16),
+            (1.0, 2.5),
+            np.array([2.5, 1.0])[::-1],
+        ):
+            loss = BCEWithLogitsLoss(pos_weight=value)
+            assert loss.pos_weight.dtype == torch.float32
+            assert loss.pos_weight.tolist() == [1.0, 2.5]
+        assert BCEWithLogitsLoss(pos_weight=np.array([1, 3])).pos_weight.tolist() == [1.0, 3.0]
+
+    def test_an_object_with_array_interface(self):
+        np = pytest.importorskip("numpy")
+
+        class Column:
+            def __array__(self, dtype=None, copy=None):
+                return np.array([2.0, 4.0])
+
+        assert BCEWithLogitsLoss(pos_weight=Column()).pos_weight.tolist() == [2.0, 4.0]
+
+    def test_bad_arrays_get_the_named_errors(self):
+        np = pytest.importorskip("numpy")
+        with pytest.raises(ValueError, match=r"`pos_weight` to be non-negative and finite, got \[1.0, -1.0\]"):
+            BCEWithLogitsLoss(pos_weight=np.array([1.0, -1.0]))
+        with pytest.raises(ValueError, match=r"`pos_weight` to have 1 dimension\(s\), got shape \(2, 1\)"):
+            BCEWithLogitsLoss(pos_weight=np.ones((2, 1)))
+        with pytest.raises(TypeError, match="`pos_weight` to hold real numbers, got dtype torch.bool"):
+            BCEWithLogitsLoss(pos_weight=np.array([True, False]))
+        with pytest.raises(TypeError, match="`pos_weight` to hold real numbers, got dtype torch.complex128"):
+            BCEWithLogitsLoss(pos_weight=np.array([1 + 1j]))
+        with pytest.raises(TypeError, match=r"`pos_weight` to be a sequence or an array of numbers, got array\(\['a'"):
+            BCEWithLogitsLoss(pos_weight=np.array(["a", "b"]))
+        with pytest.raises(
+            TypeError, match=r"`pos_weight` to be a sequence or an array of numbers, got \[\[1\], \[2, 3\]\]"
+        ):
+            BCEWithLogitsLoss(pos_weight=[[1], [2, 3]])
+        with pytest.raises(TypeError, match="`pos_weight` to be a tensor, a sequence or an array of numbers, got dict"):
+            BCEWithLogitsLoss(pos_weight={"a": 1.0})

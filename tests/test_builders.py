@@ -102,3 +102,15 @@ class TestGetGlobalLossDetachedSingleProcess:
             get_global_loss_detached(torch.tensor(1.0), reduction="max")  # type: ignore[arg-type]
         with pytest.raises(TypeError, match="`local_loss` to be a torch.Tensor, got float"):
             get_global_loss_detached(1.0)  # type: ignore[arg-type]
+
+
+def test_pos_weights_as_a_numpy_array_as_the_ancestor_accepted():
+    np = pytest.importorskip("numpy")
+    loss = build_multi_task_loss(LossType.BCE_WITH_LOGITS, TASKS, pos_weights=np.array([1.0, 3.0, 0.5]))
+    logits = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 2, (8, 3), generator=torch.Generator().manual_seed(1)).float()
+    weights = torch.ones(8, 3)
+    ref = multi_task_loop(logits, labels, weights, TASKS, pos_weights=[1.0, 3.0, 0.5])
+    out = loss(logits, labels, weights)
+    for key in ref:
+        torch.testing.assert_close(out[key], ref[key])

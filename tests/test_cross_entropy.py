@@ -241,3 +241,24 @@ def test_empty_batch_gives_zero_not_nan(reduction, labels, use_weights, weighted
         assert out.item() == 0.0
     out.sum().backward()
     assert torch.equal(x.grad, torch.zeros(0, 4))
+
+
+def test_class_weight_as_a_numpy_array():
+    np = pytest.importorskip("numpy")
+    loss = CrossEntropyLoss(weight=np.array([1.0, 2.0, 4.0]))
+    assert loss.weight.dtype == torch.float32
+    logits, labels = _logits((6, 3), torch.float32), _class_labels((6,), 3)
+    torch.testing.assert_close(loss(logits, labels), F.cross_entropy(logits, labels, weight=torch.tensor([1.0, 2, 4])))
+    with pytest.raises(ValueError, match=r"`weight` to be non-negative and finite, got \[1.0, nan\]"):
+        CrossEntropyLoss(weight=np.array([1.0, np.nan]))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_every_integer_label_dtype(dtype, reduction):
+    logits, labels = _logits((9, 4), torch.float64), _class_labels((9,), 4)
+    weight = _class_weight(4, torch.float64)
+    loss = CrossEntropyLoss(weight, reduction=reduction).double()
+    ref = F.cross_entropy(logits, labels, weight=weight, reduction=reduction)
+    torch.testing.assert_close(loss(logits, labels.to(dtype)), ref)
+    torch.testing.assert_close(loss(logits, labels.to(dtype), torch.ones(9, dtype=torch.float64)), ref)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from losses import LossType, MultiTaskLoss
+from losses import LossType, MultiTaskLoss, build_multi_task_loss
 from tests.reference import multi_task_loop
 
 TASKS = ("fav", "reply", "repost", "click", "share")
@@ -338,7 +338,9 @@ class TestErrors:
             MultiTaskLoss(TASKS, **{name: [float("nan")] * 5})
 
     def test_unknown_reductions_and_loss_type(self):
-        with pytest.raises(ValueError, match=r"`task_loss_reduction` to be one of \('mean', 'sum'\), got 'max'"):
+        with pytest.raises(
+            ValueError, match=r"`task_loss_reduction` to be one of \('mean', 'sum', 'none'\), got 'max'"
+        ):
             MultiTaskLoss(TASKS, task_loss_reduction="max")  # type: ignore[arg-type]
         with pytest.raises(
             ValueError, match=r"`global_reduction` to be one of \('mean', 'sum', 'min', 'max', 'median'\), got 'avg'"
@@ -434,6 +436,20 @@ class TestEmptyBatch:
         out["loss"].backward()
         assert x.grad.shape == (0, num_tasks)
 
+    @pytest.mark.parametrize("global_reduction", GLOBAL_REDUCTIONS)
+    @pytest.mark.parametrize("loss_type", ["bce_with_logits", "cross_entropy"])
+    def test_reduction_none_gives_empty_task_losses_and_a_zero_loss(self, global_reduction, loss_type):
+        loss = _quiet(
+            tasks=TASKS[:2], loss_type=loss_type, task_loss_reduction="none", global_reduction=global_reduction
+        )
+        shape = (0, 2) if loss_type == "bce_with_logits" else (0, 2, 3)
+        x = torch.zeros(shape, requires_grad=True)
+        out = loss(x, torch.zeros(0, 2, dtype=torch.long))
+        assert out["loss/fav"].shape == out["loss/reply"].shape == (0,)
+        assert out["loss"].item() == 0.0
+        out["loss"].backward()
+        assert x.grad.shape == shape
+
     @pytest.mark.parametrize("task_loss_reduction", TASK_REDUCTIONS)
     @pytest.mark.parametrize("global_reduction", GLOBAL_REDUCTIONS)
     def test_cross_entropy(self, task_loss_reduction, global_reduction):
@@ -448,3 +464,163 @@ class TestEmptyBatch:
         assert [value.item() for value in out.values()] == [0.0, 0.0, 0.0]
         out["loss"].backward()
         assert x.grad.shape == (0, 2, 4)
+
+
+@pytest.mark.parametrize("name", ["pos_weights", "task_weights"])
+def test_per_task_weights_as_numpy_arrays(name):
+    np = pytest.importorskip("numpy")
+    loss = MultiTaskLoss(TASKS, **{name: np.arange(1, 6)})
+    buffer = loss.pos_weight if name == "pos_weights" else loss.task_weight
+    assert buffer.dtype == torch.float32
+    assert buffer.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    with pytest.raises(ValueError, match=rf"`{name}` to have one value per task \(5\), got 2"):
+        MultiTaskLoss(TASKS, **{name: np.ones(2)})
+    with pytest.raises(ValueError, match=rf"`{name}` to be non-negative and finite, got \[1.0, 1.0, 1.0, 1.0, inf\]"):
+        MultiTaskLoss(TASKS, **{name: np.array([1, 1, 1, 1, np.inf])})
+
+
+def _ancestor_none(logits, labels, weights, pos_weights, global_reduction, task_weights=None):
+    """The ancestor's closure with task_loss_reduction="none": one [B] tensor per task, reduced stacked."""
+    per_task = [
+        F.binary_cross_entropy_with_logits(
+            logits[:, t],
+            labels[:, t].type_as(logits),
+            weight=weights[:, t],
+            pos_weight=pos_weights[t],
+            reduction="none",
+        )
+        for t in range(logits.shape[1])
+    ]
+    stacked = torch.stack(per_task)
+    if task_weights is not None:
+        stacked = stacked * task_weights.unsqueeze(1)
+    reduce = {"mean": torch.mean, "sum": torch.sum, "min": torch.min, "max": torch.max, "median": torch.median}
+    return per_task, reduce[global_reduction](stacked)
+
+
+class TestTaskReductionNone:
+    """``task_loss_reduction="none"``: a [B] tensor of element losses per task, as the ancestor gave."""
+
+    @pytest.mark.parametrize("global_reduction", GLOBAL_REDUCTIONS)
+    @pytest.mark.parametrize("num_tasks", [1, 5])
+    def test_matches_the_ancestor_values_and_gradients(self, global_reduction, num_tasks):
+        logits, labels, weights, _ = _batch(tasks=num_tasks)
+        pos_weights = torch.tensor([1.0, 2.0, 0.5, 10.0, 3.0][:num_tasks], dtype=torch.float64)
+        loss = _quiet(
+            tasks=TASKS[:num_tasks],
+            pos_weights=pos_weights,
+            task_loss_reduction="none",
+            global_reduction=global_reduction,
+        ).double()
+        x, ref_x = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        out = loss(x, labels, weights)
+        per_task, total = _ancestor_none(ref_x, labels, weights, pos_weights, global_reduction)
+        assert list(out) == [*(f"loss/{t}" for t in TASKS[:num_tasks]), "loss"]
+        for t, ref in enumerate(per_task):
+            assert out[f"loss/{TASKS[t]}"].shape == (32,)
+            torch.testing.assert_close(out[f"loss/{TASKS[t]}"], ref)
+        torch.testing.assert_close(out["loss"], total)
+        upstream = [torch.rand(32, dtype=torch.float64) for _ in per_task] + [torch.rand((), dtype=torch.float64)]
+        (grad,) = torch.autograd.grad([*(out[k] for k in out)], x, upstream)
+        (ref_grad,) = torch.autograd.grad([*per_task, total], ref_x, upstream)
+        torch.testing.assert_close(grad, ref_grad)
+
+    def test_the_builder_accepts_it(self):
+        logits, labels, weights, _ = _batch(tasks=3)
+        with pytest.warns(UserWarning, match="`task_loss_reduction='none'`"):
+            loss = build_multi_task_loss(LossType.BCE_WITH_LOGITS, TASKS[:3], task_loss_reduction="none")
+        out = loss.double()(logits, labels, weights)
+        per_task, total = _ancestor_none(logits, labels, weights, torch.ones(3, dtype=torch.float64), "mean")
+        torch.testing.assert_close(out["loss"], total)
+        torch.testing.assert_close(out["loss/reply"], per_task[1])
+
+    @pytest.mark.parametrize("global_reduction", ["mean", "max"])
+    def test_mask_zeroes_entries_whatever_they_hold_and_task_weights_scale_the_loss(self, global_reduction):
+        logits, labels, weights, mask = _batch()
+        task_weights = torch.tensor([1.0, 0.5, 2.0, 1.0, 3.0], dtype=torch.float64)
+        loss = _quiet(
+            tasks=TASKS, task_weights=task_weights, task_loss_reduction="none", global_reduction=global_reduction
+        ).double()
+        nan = float("nan")
+        x = logits.masked_fill(~mask, nan).requires_grad_()
+        out = loss(x, labels.double().masked_fill(~mask, nan), weights.masked_fill(~mask, nan), mask)
+        clean = torch.where(mask, weights, 0.0)
+        per_task, total = _ancestor_none(
+            logits, labels, clean, torch.ones(5, dtype=torch.float64), global_reduction, task_weights
+        )
+        for t, ref in enumerate(per_task):
+            torch.testing.assert_close(out[f"loss/{TASKS[t]}"], ref)
+            assert torch.equal(
+                out[f"loss/{TASKS[t]}"][~mask[:, t]], torch.zeros(int((~mask[:, t]).sum()), dtype=torch.float64)
+            )
+        torch.testing.assert_close(out["loss"], total)
+        out["loss"].backward()
+        assert torch.isfinite(x.grad).all()
+        assert torch.equal(x.grad[~mask], torch.zeros(int((~mask).sum()), dtype=torch.float64))
+
+    def test_cross_entropy(self):
+        logits, labels, weights, mask = _batch(classes=4)
+        loss = _quiet(
+            tasks=TASKS, loss_type="cross_entropy", task_loss_reduction="none", global_reduction="sum"
+        ).double()
+        out = loss(logits, labels, weights, mask)
+        for t, task in enumerate(TASKS):
+            ref = F.cross_entropy(logits[:, t], labels[:, t], reduction="none") * weights[:, t] * mask[:, t]
+            torch.testing.assert_close(out[f"loss/{task}"], ref)
+        torch.testing.assert_close(out["loss"], sum(out[f"loss/{task}"].sum() for task in TASKS))
+
+    def test_half_precision_comes_back_in_float32(self):
+        logits, labels, _, _ = _batch(tasks=2, dtype=torch.float16)
+        out = _quiet(tasks=TASKS[:2], task_loss_reduction="none")(logits, labels)
+        assert out["loss/fav"].dtype == out["loss"].dtype == torch.float32
+        torch.testing.assert_close(
+            out["loss/fav"],
+            F.binary_cross_entropy_with_logits(logits[:, 0].float(), labels[:, 0].float(), reduction="none"),
+        )
+
+
+class TestCrossEntropyLabels:
+    def test_label_minus_100_is_excluded_from_the_loss_and_the_count_as_in_torch(self):
+        logits = _batch(batch=4, tasks=2, classes=5)[0].requires_grad_()
+        labels = torch.tensor([[0, 1], [2, -100], [3, -100], [4, -100]])
+        out = MultiTaskLoss(["a", "b"], loss_type="cross_entropy").double()(logits, labels)
+        refs = [F.cross_entropy(logits[:, t], labels[:, t]) for t in range(2)]
+        masked = MultiTaskLoss(["a", "b"], loss_type="cross_entropy").double()(logits, labels, mask=labels != -100)
+        for t, key in enumerate(["loss/a", "loss/b"]):
+            torch.testing.assert_close(out[key], refs[t])
+            torch.testing.assert_close(out[key], masked[key])
+        (grad,) = torch.autograd.grad(out["loss"], logits)
+        (ref_grad,) = torch.autograd.grad((refs[0] + refs[1]) / 2, logits)
+        torch.testing.assert_close(grad, ref_grad)
+
+    def test_a_task_whose_labels_are_all_ignored_gives_zero(self):
+        logits = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+        out = MultiTaskLoss(["a", "b"], loss_type="cross_entropy").double()(logits, torch.tensor([[1, -100]] * 3))
+        assert out["loss/b"].item() == 0.0
+        out["loss"].backward()
+        assert torch.equal(logits.grad[:, 1], torch.zeros(3, 4, dtype=torch.float64))
+
+    @pytest.mark.parametrize("task_loss_reduction", TASK_REDUCTIONS)
+    def test_unlabelled_entries_add_nothing_whatever_they_hold(self, task_loss_reduction):
+        logits, labels, weights, mask = _batch(classes=4)
+        loss = _quiet(tasks=TASKS, loss_type="cross_entropy", task_loss_reduction=task_loss_reduction).double()
+        expected = loss(logits, labels, weights, mask)
+        x = logits.clone()
+        x[~mask] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0], dtype=torch.float64)
+        x.requires_grad_()
+        garbage_weights = weights.masked_fill(~mask, float("nan"))
+        out = loss(x, labels.masked_fill(~mask, 99), garbage_weights, mask)
+        for key in expected:
+            torch.testing.assert_close(out[key], expected[key])
+        out["loss"].backward()
+        assert torch.isfinite(x.grad).all()
+        assert torch.equal(x.grad[~mask], torch.zeros(int((~mask).sum()), 4, dtype=torch.float64))
+
+    @pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.int8, torch.uint8])
+    def test_every_integer_label_dtype(self, dtype):
+        logits, labels, weights, mask = _batch(classes=4)
+        loss = MultiTaskLoss(TASKS, loss_type="cross_entropy").double()
+        expected = loss(logits, labels, weights, mask)
+        out = loss(logits, labels.to(dtype), weights, mask)
+        for key in expected:
+            torch.testing.assert_close(out[key], expected[key], rtol=0, atol=0)
