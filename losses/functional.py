@@ -279,7 +279,9 @@ def multi_task_bce(
     The bracket is the element loss of :func:`binary_cross_entropy_with_logits`. Entries where
     ``mask`` is false contribute nothing to the losses or the gradient, whatever their label
     holds (NaN included). One autograd node with an analytic gradient: no loop over tasks and no
-    ``[B, T]`` intermediate kept for backward.
+    ``[B, T]`` intermediate kept for backward. Under a :mod:`torch.func` transform (``grad``,
+    ``vmap``, ``jacrev``, ``jvp``, ...) the same values come from plain differentiable torch
+    operations instead, which the transforms can follow.
 
     Args:
         scale: :math:`s`, a float or a ``(T)`` tensor (one over the labelled count for a mean);
@@ -302,6 +304,16 @@ def multi_task_bce(
     dtype = compute_dtype(logits.dtype)
     if task_weight is None:
         task_weight = torch.ones_like(pos_weight, dtype=dtype)
+    if torch._C._are_functorch_transforms_active():
+        # torch.func needs an autograd.Function with setup_context and a vmap rule, which the fused
+        # one gives up for speed (see MultiTaskBCE). Under a transform the same math runs as plain
+        # differentiable ops, which every transform (grad, vmap, jacrev, jvp, hessian) understands.
+        task_losses = multi_task_bce_elements(logits, labels, pos_weight, weights, mask).sum(0)
+        if scale is not None:
+            task_losses = task_losses * scale
+        task_weight = _as_dtype(task_weight, dtype)
+        total = task_losses.new_zeros(()) if factor is None else (task_losses * task_weight).sum() * factor
+        return task_losses, total
     result: tuple[torch.Tensor, torch.Tensor] = MultiTaskBCE.apply(  # type: ignore[no-untyped-call]
         _as_dtype(logits, dtype),
         _as_dtype(labels, dtype),
