@@ -30,10 +30,12 @@ def column_sums(block: torch.Tensor) -> torch.Tensor:
 
     On the CPU a reduction over the outer dimension of a tall, narrow block is slow; summing
     groups of rows first (a ``[B / 256, 256, T]`` view) is several times faster and, being a
-    two-level sum, no less accurate.
+    two-level sum, no less accurate. Under ``torch.compile`` it is a plain ``sum(0)``.
     """
     rows, columns = block.shape
-    if rows < _TWO_LEVEL_ROWS:
+    # Under torch.compile the compiler writes its own reduction, and branching on the row count
+    # would build one graph per branch of a dynamic batch size.
+    if torch.compiler.is_compiling() or rows < _TWO_LEVEL_ROWS:
         return block.sum(0)
     head = rows - rows % _ROW_GROUP
     sums = block[:head].view(-1, _ROW_GROUP, columns).sum(1).sum(0)

@@ -624,3 +624,32 @@ class TestCrossEntropyLabels:
         out = loss(logits, labels.to(dtype), weights, mask)
         for key in expected:
             torch.testing.assert_close(out[key], expected[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("tasks", "loss_type", "use_mask"),
+    [
+        (TASKS, "bce_with_logits", False),
+        (TASKS, "bce_with_logits", True),
+        (TASKS[:1], "bce_with_logits", False),
+        (TASKS[:3], "cross_entropy", True),
+    ],
+)
+def test_torch_compile_dynamic_builds_at_most_two_graphs_for_batch_sizes_64_to_9000(tasks, loss_type, use_mask):
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    loss = MultiTaskLoss(tasks, loss_type=loss_type)
+    compiled = torch.compile(loss, backend=counter, dynamic=True)
+    gen = torch.Generator().manual_seed(0)
+    for batch in (64, 100, 255, 256, 1000, 4096, 8191, 8192, 8200, 9000):
+        shape = (batch, len(tasks)) if loss_type == "bce_with_logits" else (batch, len(tasks), 3)
+        x = torch.randn(shape, generator=gen).requires_grad_()
+        labels = torch.randint(0, 2, (batch, len(tasks)), generator=gen)
+        mask = torch.rand(batch, len(tasks), generator=gen) < 0.7 if use_mask else None
+        out = compiled(x, labels, None, mask)
+        torch.testing.assert_close(out["loss"], loss(x, labels, None, mask)["loss"])
+        out["loss"].backward()
+    assert counter.frame_count <= 2
+    torch._dynamo.reset()
