@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from demo.data import ENGAGEMENTS, Batch, EngagementModel
-from losses import MultiTaskGlobalLoss, MultiTaskLoss
+from losses import MultiTaskGlobalLoss, MultiTaskLoss, MultiTaskRankingMetrics
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -84,10 +84,9 @@ def _pos_weights(model: EngagementModel, tasks: int) -> list[float]:
     return [round(math.sqrt((1 - rate) / rate), 2) for _, rate in ENGAGEMENTS[:tasks]]
 
 
-def evaluate(
-    ranker: Ranker, data: EngagementModel, rows: int, seed: int
-) -> list[tuple[str, float, float, float, float]]:
-    """Per task: positive rate, held-out loss of the trained model, of the Bayes-optimal model, of the base rate."""
+def evaluate(ranker: Ranker, data: EngagementModel, rows: int, seed: int) -> list[tuple[str, float, ...]]:
+    """Per task: positive rate; held-out loss of the trained, Bayes-optimal and base-rate models;
+    NE of the trained and the Bayes-optimal model, and the trained model's calibration."""
     batch = data.sample(rows, torch.Generator().manual_seed(seed + 10_000))
     # Rank 0 evaluates alone, so a loss with normalize="global" (a collective) will not do.
     loss = MultiTaskLoss(ranker.loss.tasks, pos_weights=ranker.loss.pos_weight)
@@ -100,6 +99,17 @@ def evaluate(
         rate = torch.nanmean(batch.labels, dim=0)
         constant = (torch.log(rate / (1 - rate)) + pos_weight.log()).expand_as(batch.true_logits)
         base = loss(constant, batch.labels, batch.weights, batch.mask)
+        # NE and calibration judge probabilities, so the trained logits lose the log(pos_weight)
+        # shift the loss taught them. sync_on_compute=False: rank 0 evaluates alone.
+        ranking = {
+            "trained": MultiTaskRankingMetrics(loss.tasks, sync_on_compute=False),
+            "optimal": MultiTaskRankingMetrics(loss.tasks, sync_on_compute=False),
+        }
+        ranking["trained"].update(
+            ranker.tower(batch.features) - pos_weight.log(), batch.labels, batch.weights, batch.mask
+        )
+        ranking["optimal"].update(batch.true_logits, batch.labels, batch.weights, batch.mask)
+        ne = {model: metric.compute() for model, metric in ranking.items()}
     return [
         (
             name,
@@ -107,6 +117,9 @@ def evaluate(
             trained[f"loss/{name}"].item(),
             optimal[f"loss/{name}"].item(),
             base[f"loss/{name}"].item(),
+            ne["trained"][f"ne/{name}"].item(),
+            ne["optimal"][f"ne/{name}"].item(),
+            ne["trained"][f"calibration/{name}"].item(),
         )
         for t, name in enumerate(loss.tasks)
     ]
@@ -146,6 +159,9 @@ def train(args: argparse.Namespace) -> int:
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     global_loss = MultiTaskGlobalLoss(tasks)  # synced across ranks by torchmetrics
     local_loss = MultiTaskGlobalLoss(tasks, sync_on_compute=False)  # this rank's own window
+    # Never reset: its window_* values cover about the last logging period of the global batch.
+    ranking = MultiTaskRankingMetrics(tasks, window=args.log_every * args.batch_size * world)
+    log_pos_weight = ranker.loss.pos_weight.log()  # the shift pos_weight puts on the logits
     # Under normalize="global" a rank's training loss is its share of the global mean, not its own
     # mean; this plain loss gives the rank's own mean for display.
     own_mean = MultiTaskLoss(tasks, pos_weights=ranker.loss.pos_weight)
@@ -165,11 +181,13 @@ def train(args: argparse.Namespace) -> int:
         optimizer.step()
         global_loss.update(losses, weight=args.batch_size)
         # [ddp-end]
+        ranking.update(logits.detach() - log_pos_weight, batch.labels, batch.weights, batch.mask)
         if world > 1:
             local_loss.update(own_mean(logits.detach(), batch.labels, batch.weights, batch.mask), args.batch_size)
         if step % args.log_every == 0 or step == args.steps:
             window = global_loss.compute()
             global_loss.reset()
+            ranked = ranking.compute()  # every rank: it syncs
             curve.add(step, window)
             line = f"step {step:>5}: global loss {window['loss'].item():.4f}"
             if world > 1:
@@ -181,6 +199,15 @@ def train(args: argparse.Namespace) -> int:
                 line = "\n".join(str(entry) for entry in lines)
             else:
                 line += " (" + ", ".join(f"{name} {window[f'loss/{name}'].item():.3f}" for name in tasks) + ")"
+            line += (
+                "\n"
+                + " " * 13
+                + "RCE "
+                + ", ".join(f"{name} {ranked[f'window_rce/{name}'].item():.1f}" for name in tasks)
+            )
+            line += " | calibration " + ", ".join(
+                f"{name} {ranked[f'window_calibration/{name}'].item():.2f}" for name in tasks
+            )
             if rank == 0:
                 (progress.write if progress else print)(line)
         if progress:
@@ -202,13 +229,21 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_table(rows: list[tuple[str, float, float, float, float]]) -> None:
-    print("\nheld-out loss per task (the training objective: pos_weights, sample weights, mask)")
-    print(f"{'task':<8} {'positives':>9} {'trained':>9} {'optimal':>9} {'base rate':>10} {'gap closed':>11}")
-    for name, rate, trained, optimal, base in rows:
+def print_table(rows: list[tuple[str, float, ...]]) -> None:
+    print("\nheld-out loss per task (the training objective: pos_weights, sample weights, mask), and NE")
+    print(
+        f"{'task':<8} {'positives':>9} {'trained':>9} {'optimal':>9} {'base rate':>10} {'gap closed':>11} "
+        f"{'NE':>7} {'NE opt.':>7} {'calibr.':>7}"
+    )
+    for name, rate, trained, optimal, base, ne, ne_optimal, calibration in rows:
         closed = (base - trained) / (base - optimal) if base > optimal else float("nan")
-        print(f"{name:<8} {rate:>9.1%} {trained:>9.4f} {optimal:>9.4f} {base:>10.4f} {closed:>10.0%}")
+        print(
+            f"{name:<8} {rate:>9.1%} {trained:>9.4f} {optimal:>9.4f} {base:>10.4f} {closed:>10.0%} "
+            f"{ne:>7.4f} {ne_optimal:>7.4f} {calibration:>7.3f}"
+        )
     print("optimal: the generating model's own loss (Bayes-optimal); base rate: the best constant prediction")
+    print("NE: log loss of the probabilities over that of the positive rate (1 = base rate; lower is better),")
+    print("for the trained model and the Bayes-optimal one; calibr.: predicted over observed positives")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

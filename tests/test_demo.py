@@ -14,6 +14,26 @@ def _table(output):
     return {name: tuple(float(v) for v in values) for name, *values in rows}
 
 
+def _ranking_columns(output):
+    """Per task of the final table: NE of the trained model, of the Bayes-optimal one, calibration."""
+    rows = re.findall(
+        r"^(\w+)\s+[\d.]+%(?:\s+[\d.]+){3}\s+\d+%\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", output, re.MULTILINE
+    )
+    return {name: tuple(float(v) for v in values) for name, *values in rows}
+
+
+def _logged_ranking(output):
+    """Per logged step: {task: (window RCE, window calibration)} from the training log."""
+    logged = {}
+    for step, rce, calibration in re.findall(
+        r"^step\s+(\d+): global loss .*\n\s+RCE (.*) \| calibration (.*)$", output, flags=re.MULTILINE
+    ):
+        rces = dict(item.rsplit(" ", 1) for item in rce.split(", "))
+        calibrations = dict(item.rsplit(" ", 1) for item in calibration.split(", "))
+        logged[int(step)] = {name: (float(rces[name]), float(calibrations[name])) for name in rces}
+    return logged
+
+
 def test_demo_trains_towards_the_optimal_loss(tmp_path, command):
     plot = tmp_path / "curve.png"
     output = command(
@@ -26,6 +46,17 @@ def test_demo_trains_towards_the_optimal_loss(tmp_path, command):
     for name, (_, trained, optimal, base) in table.items():
         assert optimal < trained < base, name
     assert "step   300: global loss" in output
+    ranking = _ranking_columns(output)
+    assert list(ranking) == list(table)
+    for name, (ne, ne_optimal, calibration) in ranking.items():
+        # Better than the base rate (NE 1), not better than the generating model, roughly calibrated.
+        assert ne_optimal < ne < 1.0, name
+        assert 0.6 < calibration < 1.6, name
+    logged = _logged_ranking(output)
+    assert sorted(logged) == [100, 200, 300]
+    for name, (rce, calibration) in logged[300].items():
+        assert 0.0 < rce < 100.0, name
+        assert 0.6 < calibration < 1.6, name
     if "matplotlib not installed" not in output:
         assert plot.stat().st_size > 10_000
 
@@ -59,3 +90,7 @@ def test_demo_under_torchrun_shows_local_and_global_losses(tmp_path, command):
         # Equal batch sizes: the global loss is the mean of the two ranks' own means.
         assert at_step[0][0] == pytest.approx((at_step[0][1] + at_step[1][1]) / 2, abs=2e-4)
     assert list(_table(output)) == ["click", "fav", "repost"]
+    assert list(_ranking_columns(output)) == ["click", "fav", "repost"]
+    # One line of global RCE and calibration per logged step, printed once (rank 0).
+    assert sorted(_logged_ranking(output)) == [50, 100]
+    assert output.count("| calibration ") == 2
