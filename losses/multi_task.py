@@ -13,6 +13,7 @@ from losses import _validation as v
 from losses import distributed, functional
 from losses.functional import GlobalReduction
 from losses.loss_type import LossType, parse_loss_type
+from losses.weighting._base import TaskWeighting, check_weighting
 
 TaskReduction = Literal["mean", "sum", "none"]
 Normalize = Literal["local", "global"]
@@ -100,6 +101,10 @@ class MultiTaskLoss(nn.Module):
             rank gets a ``ValueError``. Kept as an attribute, not a buffer: ``deepcopy`` shares
             it, ``state_dict`` leaves it out, and pickling cannot save it (set
             ``loss.process_group`` again after loading). Default: ``None``, every rank.
+        weighting: a :mod:`losses.weighting` method that replaces ``"loss"`` with its weighted
+            combination of the task losses and adds ``"weight/<task>"`` entries; a submodule, so its
+            parameters and state follow the loss (see ``docs/weighting.rst``). It takes the place
+            of ``task_weights`` and ``global_reduction``. Default: ``None``.
 
     Buffers ``pos_weight`` and ``task_weight`` (shape ``[T]``) are always registered, so they follow
     ``model.to(...)`` and sit in the model's ``state_dict``. Reductions other than ``mean`` warn
@@ -128,6 +133,7 @@ class MultiTaskLoss(nn.Module):
 
     pos_weight: torch.Tensor
     task_weight: torch.Tensor
+    weighting: Optional[TaskWeighting]
 
     def __init__(
         self,
@@ -141,6 +147,7 @@ class MultiTaskLoss(nn.Module):
         *,
         check_inputs: bool = False,
         process_group: Optional[distributed.ProcessGroup] = None,
+        weighting: Optional[TaskWeighting] = None,
     ) -> None:
         super().__init__()
         self.tasks = v.task_names(tasks)
@@ -164,6 +171,15 @@ class MultiTaskLoss(nn.Module):
         # min, max and median are taken from the task losses.
         factors = {"mean": 1.0 / num_tasks, "sum": 1.0}
         self._global_factor: Optional[float] = factors.get(self.global_reduction)
+        self.weighting = check_weighting(weighting, self.tasks)
+        if weighting is not None and (
+            task_weights is not None or global_reduction != "mean" or task_loss_reduction == "none"
+        ):
+            raise ValueError(
+                "Expected `weighting` alone to combine the task losses, with one loss per task: it replaces "
+                f"`task_weights` and `global_reduction`; got task_weights={task_weights!r}, "
+                f"global_reduction={global_reduction!r}, task_loss_reduction={task_loss_reduction!r}."
+            )
         warn_unless_mean("task_loss_reduction", self.task_loss_reduction)
         warn_unless_mean("global_reduction", self.global_reduction)
 
@@ -189,6 +205,16 @@ class MultiTaskLoss(nn.Module):
         labels: torch.Tensor,
         weights: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
+    ) -> dict[str, torch.Tensor]:
+        losses = self._losses(logits, labels, weights, mask)
+        return losses if self.weighting is None else self.weighting(losses)
+
+    def _losses(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        weights: Optional[torch.Tensor],
+        mask: Optional[torch.Tensor],
     ) -> dict[str, torch.Tensor]:
         cross_entropy = self.loss_type is LossType.CROSS_ENTROPY
         functional.check_multi_task_inputs(logits, labels, weights, mask, len(self.tasks), int(cross_entropy))

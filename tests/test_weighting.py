@@ -4,6 +4,7 @@ import copy
 import io
 import math
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -292,6 +293,63 @@ def test_a_new_method_is_one_small_subclass():
     out = Inverse(TASKS)(_losses([0.5, 0.25, 2.0])[1])
     torch.testing.assert_close(out["loss"], torch.tensor(3.0, dtype=torch.float64))
     torch.testing.assert_close(_weights(out), torch.tensor([2.0, 4.0, 0.5], dtype=torch.float64))
+
+
+# --- inside MultiTaskLoss --------------------------------------------------------------------------
+
+
+def _block(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(16, len(TASKS), generator=gen, dtype=torch.float64)
+    labels = (torch.rand(16, len(TASKS), generator=gen) < 0.3).double()
+    mask = torch.rand(16, len(TASKS), generator=gen) < 0.8
+    return logits, labels, mask
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_multi_task_loss_applies_its_weighting(method):
+    logits, labels, mask = _block()
+    weighted = MultiTaskLoss(TASKS, pos_weights=[1.0, 3.0, 0.5], weighting=METHODS[method]()).double()
+    separate = METHODS[method]().double()
+    expected = separate(MultiTaskLoss(TASKS, pos_weights=[1.0, 3.0, 0.5]).double()(logits, labels, mask=mask))
+    out = weighted(logits, labels, mask=mask)
+    assert list(out) == list(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(out[key], value, rtol=1e-15, atol=0, msg=key)
+    assert isinstance(weighted.weighting, type(separate))
+    # A submodule: its parameters and buffers are the loss's, so they follow the model.
+    assert [name for name, _ in weighted.named_parameters()] == [
+        f"weighting.{n}" for n, _ in separate.named_parameters()
+    ]
+    assert [k for k in weighted.state_dict() if k.startswith("weighting.")] == [
+        f"weighting.{k}" for k in separate.state_dict()
+    ]
+
+
+def test_multi_task_loss_trains_the_uncertainty_parameters():
+    logits, labels, mask = _block()
+    loss = MultiTaskLoss(TASKS, weighting=UncertaintyWeighting(TASKS)).double()
+    loss(logits, labels, mask=mask)["loss"].backward()
+    task_losses = MultiTaskLoss(TASKS).double()(logits, labels, mask=mask)
+    expected = 1 - torch.stack([task_losses[f"loss/{t}"] for t in TASKS])  # c (1 - e^{-s} L) at s = 0
+    torch.testing.assert_close(loss.weighting.log_variance.grad, expected)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"weighting": UncertaintyWeighting(["click", "fav"])}, ValueError, "`weighting` to weigh the tasks"),
+        ({"weighting": GeometricLossStrategy(TASKS), "task_weights": [1.0, 2.0, 1.0]}, ValueError, "task_weights"),
+        ({"weighting": GeometricLossStrategy(TASKS), "global_reduction": "max"}, ValueError, "global_reduction"),
+        ({"weighting": GeometricLossStrategy(TASKS), "task_loss_reduction": "none"}, ValueError, "'none'"),
+        ({"weighting": lambda losses: losses}, TypeError, "`weighting` to be a TaskWeighting"),
+    ],
+)
+def test_multi_task_loss_rejects_a_weighting_that_does_not_fit(kwargs, error, match):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with pytest.raises(error, match=match):
+            MultiTaskLoss(TASKS, **kwargs)
 
 
 # --- DDP on real gloo ranks ------------------------------------------------------------------------

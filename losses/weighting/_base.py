@@ -102,3 +102,18 @@ class TaskWeighting(nn.Module):
         """The average of ``tensor`` over the ranks of the group: one ``all_reduce``; a copy on one process."""
         group = self._group.get()
         return distributed.all_reduce_sum(tensor, group) / distributed.world_size(group)
+
+
+def check_weighting(weighting: Optional[TaskWeighting], tasks: tuple[str, ...]) -> Optional[TaskWeighting]:
+    """Return ``weighting`` if it is ``None`` or a :class:`TaskWeighting` of exactly ``tasks``, else raise."""
+    if weighting is None:
+        return None
+    if not isinstance(weighting, TaskWeighting):
+        raise TypeError(
+            f"Expected `weighting` to be a TaskWeighting from losses.weighting, got {type(weighting).__name__}."
+        )
+    if weighting.tasks != tasks:
+        raise ValueError(
+            f"Expected `weighting` to weigh the tasks {list(tasks)} in this order, got {list(weighting.tasks)}."
+        )
+    return weighting
