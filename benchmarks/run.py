@@ -20,6 +20,7 @@ import torchmetrics
 
 import losses
 from benchmarks.memory import peak_bytes
+from benchmarks.ranking import bench_ranking, check_ranking, render_ranking
 from benchmarks.references import ancestor_loop, fused_floor
 from benchmarks.timing import interleaved_medians
 from losses import MultiTaskGlobalLoss, MultiTaskLoss
@@ -299,6 +300,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds (default 9)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile columns")
     parser.add_argument("--no-sync", action="store_true", help="skip the 2-rank metric sync benchmark")
+    parser.add_argument("--no-ranking", action="store_true", help="skip the ranking metrics benchmark")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     compiled = not args.no_compile
@@ -310,6 +312,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if figure is not None:
         text = text.replace("\n| B | T |", "\n![time relative to the floor](_static/performance.png)\n\n| B | T |", 1)
     targets = check_targets(rows, compiled)
+    if not args.no_ranking:
+        ranking = bench_ranking(args.rounds)
+        text += render_ranking(ranking)
+        targets += check_ranking(ranking)
     text += "\n## Targets\n\n" + "\n".join(f"- {line}" for line in targets) + "\n"
     print(text)
     args.output.write_text(text)
