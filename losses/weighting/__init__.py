@@ -6,9 +6,9 @@ weights as ``"weight/<task>"`` (detached, for logging) and the weighted ``"loss"
 """
 
 from losses.weighting._base import TaskWeighting
-from losses.weighting.dynamic_weight_average import DynamicWeightAverage
-from losses.weighting.geometric import GeometricLossStrategy
-from losses.weighting.random_loss_weighting import RandomLossWeighting
+from losses.weighting.dynamic_weight_average import DynamicWeightAverage, dynamic_weight_average_weights
+from losses.weighting.geometric import GeometricLossStrategy, geometric_loss_weights
+from losses.weighting.random_loss_weighting import RandomLossWeighting, random_loss_weights
 from losses.weighting.uncertainty import UncertaintyWeighting
 
 __all__ = [
@@ -17,4 +17,7 @@ __all__ = [
     "RandomLossWeighting",
     "TaskWeighting",
     "UncertaintyWeighting",
+    "dynamic_weight_average_weights",
+    "geometric_loss_weights",
+    "random_loss_weights",
 ]
