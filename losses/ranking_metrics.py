@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 import torch
+from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
 from losses import _validation as v
 from losses import distributed
@@ -207,6 +208,10 @@ class MultiTaskRankingMetrics(SumMetric):
         # torchmetrics' own forward resets the states to update on the batch alone and adds them
         # back afterwards, which would skip the window's eviction; one update and the batch's own
         # sums give the same batch value without that.
+        if self._is_synced:
+            raise TorchMetricsUserError(
+                "Expected MultiTaskRankingMetrics not to be synced in forward: call `unsync()` first."
+            )
         self.update(logits, labels, weights, mask)
         assert self._batch_sums is not None
         batch = self._batch_sums

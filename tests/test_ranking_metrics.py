@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchmetrics import MetricCollection
+from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
 from losses import MultiTaskLoss, MultiTaskRankingMetrics
 from losses.ranking_functional import RESULTS
@@ -352,3 +353,17 @@ def test_a_million_updates_worth_of_sums_still_take_small_increments():
         metric.update(logits, labels, weights)
     torch.testing.assert_close(metric.sums, per_update * 1_000_000, rtol=1e-10, atol=0)
     torch.testing.assert_close(metric.compute(), one.compute(), rtol=1e-10, atol=1e-10)
+
+
+def test_forward_while_synced_is_refused():
+    metric = MultiTaskRankingMetrics(TASKS)
+    metric._is_synced = True  # what sync() leaves on several ranks until unsync()
+    with pytest.raises(TorchMetricsUserError, match="not to be synced in forward"):
+        metric(**batches([4])[0])
+
+
+def test_loading_a_checkpoint_of_another_layout_names_the_states():
+    with_window = MultiTaskRankingMetrics(TASKS, window=100)
+    with_window.update(**batches([4])[0])
+    with pytest.raises(ValueError, match=r"the states \{'sums': \(4, 3\)\}"):
+        MultiTaskRankingMetrics(TASKS).load_state_dict(with_window.state_dict())
