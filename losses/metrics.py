@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from types import FrameType
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -251,6 +253,7 @@ class MultiTaskGlobalLoss(SumMetric):
         self._forward_cache = None
 
     def compute(self) -> dict[str, torch.Tensor]:
+        _refuse_whole_lightning_logging(self)
         values = _weighted_compute(
             self.weighted_sums, self.total_weight, self.invalid_weights, self.reduction, type(self).__name__
         )
@@ -298,6 +301,31 @@ class MultiTaskGlobalLoss(SumMetric):
         if isinstance(forward_value, dict):
             return forward_value[key]  # type: ignore[no-any-return]
         return None if self._step_values is None else self._step_values[index]
+
+
+def _refuse_whole_lightning_logging(metric: MultiTaskGlobalLoss) -> None:
+    """Raise with the working pattern when Lightning's logger computes the whole metric.
+
+    ``self.log_dict(collection)`` with a MetricCollection holding the metric logs it as one value,
+    and Lightning's logger takes one tensor per logged metric: without this, its error at the end
+    of the epoch would say the dict is not a tensor but not what to do. Lightning's logged-value
+    wrapper is recognised by its attribute ``value`` being this metric, a few frames up.
+    """
+    frame: Optional[FrameType] = sys._getframe(1)
+    for _ in range(6):
+        frame = frame.f_back if frame is not None else None
+        if frame is None:
+            return
+        caller = frame.f_locals.get("self")
+        if type(caller).__name__ == "_ResultMetric" and getattr(caller, "value", None) is metric:
+            name = getattr(getattr(caller, "meta", None), "name", "?")
+            raise TypeError(
+                f"Expected Lightning to log the entries of {type(metric).__name__}, got the whole metric logged as "
+                f"{name!r} (for example by self.log_dict(collection) with a MetricCollection holding it): "
+                "Lightning logs one tensor per metric and compute() returns a dict. Log the metric itself with "
+                "self.log_dict(metric), which logs each entry; or, for a MetricCollection, call "
+                "self.log_dict(collection.compute()) at the end of the epoch, then collection.reset()."
+            )
 
 
 class _Entry(Metric):
