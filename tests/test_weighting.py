@@ -376,12 +376,12 @@ class _WeightedRanker(nn.Module):
         self.tower = nn.Linear(6, len(TASKS)).double()
         # "global": each rank's task loss is its share of the global batch's, so their average, which
         # DDP's gradient averaging and the weightings' collectives take, is the exact global task loss.
-        self.loss = MultiTaskLoss(TASKS, pos_weights=[1.0, 3.0, 0.5], normalize="global").double()
-        self.weighting = weighting.double() if weighting is not None else None
+        # The weighting inside the loss, inside the model DDP wraps: as docs/weighting.rst says to.
+        self.loss = MultiTaskLoss(TASKS, pos_weights=[1.0, 3.0, 0.5], normalize="global", weighting=weighting)
+        self.double()
 
     def forward(self, x, labels, weights, mask):
-        losses = self.loss(self.tower(x), labels, weights, mask)
-        return self.weighting(losses) if self.weighting is not None else losses
+        return self.loss(self.tower(x), labels, weights, mask)
 
 
 def _train(model, rows, gls_by_formula=False):
