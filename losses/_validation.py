@@ -8,7 +8,7 @@ when a loss was built with ``check_inputs=True``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional, Protocol, Union
+from typing import Any, Optional, Protocol, Union, overload
 
 import torch
 
@@ -103,6 +103,31 @@ def check_broadcasts_to(name: str, tensor: torch.Tensor, target: torch.Size, aga
         )
 
 
+@overload
+def on_device_of(name: str, buffer: torch.Tensor, logits: torch.Tensor) -> torch.Tensor: ...
+
+
+@overload
+def on_device_of(name: str, buffer: Optional[torch.Tensor], logits: torch.Tensor) -> Optional[torch.Tensor]: ...
+
+
+def on_device_of(name: str, buffer: Optional[torch.Tensor], logits: torch.Tensor) -> Optional[torch.Tensor]:
+    """A loss's ``buffer`` on the device of ``logits``: as it is, or a ``meta`` copy for meta logits.
+
+    Meta logits (shape inference, no data) need no values from the buffer, so a loss whose
+    buffers hold real values works on them without being moved. Any other mismatch is an error
+    naming both devices, instead of torch's device error deep inside the math.
+    """
+    if buffer is None or buffer.device == logits.device:
+        return buffer
+    if logits.device.type == "meta":
+        return buffer.to("meta")
+    raise ValueError(
+        f"Expected `logits` on the device of the loss's `{name}` ({buffer.device}), got {logits.device}. "
+        "Move the loss with `.to(device)`, as the model that holds it."
+    )
+
+
 def check_tensor(name: str, value: Any) -> torch.Tensor:
     """Raise a ``TypeError`` unless ``value`` is a tensor."""
     if not isinstance(value, torch.Tensor):
@@ -156,8 +181,10 @@ def check_values(
     """Opt-in value check (it synchronizes with the device): finite and within ``[low, high]``.
 
     ``where`` restricts the check to the entries where it is true; ``allowed`` is one extra value
-    that passes (an ``ignore_index``).
+    that passes (an ``ignore_index``). A ``meta`` tensor holds no values and is not checked.
     """
+    if tensor.device.type == "meta":
+        return
     bad = torch.zeros_like(tensor, dtype=torch.bool)
     if tensor.is_floating_point():
         bad |= ~torch.isfinite(tensor)

@@ -41,6 +41,9 @@ class BCEWithLogitsLoss(_Loss):
             [0, 1], non-negative finite weights. This waits for the device on every call, so it
             is off by default; turn it on to debug a NaN. Default: ``False``.
 
+    ``meta`` logits work without moving the loss (shape inference; value checks are skipped);
+    logits on any other device than ``pos_weight`` are a ``ValueError``.
+
     Shape:
         - logits: :math:`(*)`, floating point; float16/bfloat16 are computed in float32.
         - labels: :math:`(*)`, float, integer or bool.
@@ -80,7 +83,7 @@ class BCEWithLogitsLoss(_Loss):
             logits,
             labels,
             weights=weights,
-            pos_weight=self.pos_weight,
+            pos_weight=v.on_device_of("pos_weight", self.pos_weight, logits),
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
         )

@@ -44,6 +44,10 @@ class CrossEntropyLoss(_Loss):
             weights. This waits for the device on every call, so it is off by default. Default:
             ``False``.
 
+    Class-index labels of any integer dtype are converted to int64. ``meta`` logits work without
+    moving the loss (shape inference; value checks are skipped); logits on any other device than
+    ``weight`` are a ``ValueError``.
+
     Shape:
         - logits: :math:`(C)`, :math:`(N, C)` or :math:`(N, C, d_1, \dots, d_K)`, floating point.
         - labels: class indices (integer) of shape :math:`()`, :math:`(N)` or
@@ -87,7 +91,7 @@ class CrossEntropyLoss(_Loss):
             logits,
             labels,
             weights=weights,
-            class_weight=self.weight,
+            class_weight=v.on_device_of("weight", self.weight, logits),
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,

@@ -107,7 +107,9 @@ class MultiTaskLoss(nn.Module):
             of ``task_weights`` and ``global_reduction``. Default: ``None``.
 
     Buffers ``pos_weight`` and ``task_weight`` (shape ``[T]``) are always registered, so they follow
-    ``model.to(...)`` and sit in the model's ``state_dict``. Reductions other than ``mean`` warn
+    ``model.to(...)`` and sit in the model's ``state_dict``. Logits on another device than the
+    buffers are a ``ValueError``, except ``meta`` logits: shape inference works without moving the
+    loss (with ``check_inputs=True`` too, whose value checks skip meta tensors). Reductions other than ``mean`` warn
     once, at construction: only ``mean`` gives DDP gradients equal to single-process gradients.
 
     Shape:
@@ -220,40 +222,48 @@ class MultiTaskLoss(nn.Module):
         functional.check_multi_task_inputs(logits, labels, weights, mask, len(self.tasks), int(cross_entropy))
         if self.check_inputs:
             self._check_values(logits, labels, weights, mask)
+        pos_weight = v.on_device_of("pos_weight", self.pos_weight, logits)
+        task_weight = v.on_device_of("task_weight", self.task_weight, logits)
         if cross_entropy:
             elements, labelled = functional.multi_task_cross_entropy(logits, labels, weights, mask)
             if self.task_loss_reduction == "none":
-                return self._result(elements.unbind(1), elements.t())
+                return self._result(elements.unbind(1), elements.t(), task_weight)
             task_losses = elements.sum(0)
             scale = self._task_scale(labelled, logits)
             if scale is not None:
                 task_losses = task_losses * scale
-            return self._result(task_losses.unbind(), task_losses)
+            return self._result(task_losses.unbind(), task_losses, task_weight)
         if self.task_loss_reduction == "none":
-            elements = functional.multi_task_bce_elements(logits, labels, self.pos_weight, weights, mask)
-            return self._result(elements.unbind(1), elements.t())
+            elements = functional.multi_task_bce_elements(logits, labels, pos_weight, weights, mask)
+            return self._result(elements.unbind(1), elements.t(), task_weight)
         if len(self.tasks) == 1 and mask is None and (self.normalize == "local" or not distributed.is_distributed()):
             # One task has nothing to fuse: torch's own BCE call, which reduces in C++, is the
             # cheapest way, and it is the same math.
             if weights is not None and weights.ndim == 1:
                 weights = weights.unsqueeze(1)
             task_loss = functional.binary_cross_entropy_with_logits(
-                logits, labels, weights, self.pos_weight, reduction=self.task_loss_reduction
+                logits, labels, weights, pos_weight, reduction=self.task_loss_reduction
             )
-            return {self._keys[0]: task_loss, "loss": task_loss * self.task_weight.squeeze(0)}
+            return {self._keys[0]: task_loss, "loss": task_loss * task_weight.squeeze(0)}
         scale = self._task_scale(mask, logits)
         task_losses, total = functional.multi_task_bce(
-            logits, labels, self.pos_weight, weights, mask, scale, self.task_weight, self._global_factor
+            logits, labels, pos_weight, weights, mask, scale, task_weight, self._global_factor
         )
-        return self._result(task_losses.unbind(), task_losses, None if self._global_factor is None else total)
+        return self._result(
+            task_losses.unbind(), task_losses, task_weight, None if self._global_factor is None else total
+        )
 
     def _result(
-        self, task_values: Sequence[torch.Tensor], reduced: torch.Tensor, total: Optional[torch.Tensor] = None
+        self,
+        task_values: Sequence[torch.Tensor],
+        reduced: torch.Tensor,
+        task_weight: torch.Tensor,
+        total: Optional[torch.Tensor] = None,
     ) -> dict[str, torch.Tensor]:
         """The output dict: one value per task, then ``"loss"`` (``reduced`` over tasks unless given)."""
         losses = dict(zip(self._keys, task_values, strict=True))
         losses["loss"] = (
-            functional.reduce_tasks(reduced, self.task_weight, self.global_reduction) if total is None else total
+            functional.reduce_tasks(reduced, task_weight, self.global_reduction) if total is None else total
         )
         return losses
 
