@@ -7,6 +7,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONSTRAINTS := requirements/constraints.txt
 PYTEST_ARGS ?=
+# make demo WEIGHTING=dwa (or uncertainty, rlw, gls; several, comma-separated, are compared).
+WEIGHTING ?= equal
 # gloo's network interface for the 2-process demo: the loopback device (lo0 on macOS).
 GLOO_IFNAME ?= lo
 
@@ -28,7 +30,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/mypy
 
 demo: $(VENV)/.installed-demo
-	$(BIN)/python -m demo
+	$(BIN)/python -m demo --weighting $(WEIGHTING)
 
 demo-ddp: $(VENV)/.installed-demo
 	GLOO_SOCKET_IFNAME=$(GLOO_IFNAME) OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc-per-node=2 -m demo

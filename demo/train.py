@@ -21,7 +21,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from demo.data import ENGAGEMENTS, Batch, EngagementModel
-from losses import MultiTaskGlobalLoss, MultiTaskLoss, MultiTaskRankingMetrics
+from demo.weighting import WEIGHTINGS, for_logging, print_comparison, weighting_names, weights_text
+from losses import MultiTaskGlobalLoss, MultiTaskLoss, MultiTaskRankingMetrics, TaskWeighting
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -42,19 +43,37 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the model (default 0)")
     parser.add_argument("--output", type=Path, default=Path("demo_loss_curve.png"), help="loss-curve PNG path")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--weighting",
+        type=weighting_names,
+        default=["equal"],
+        metavar="NAME[,NAME...]",
+        help=f"task weighting, from {', '.join(WEIGHTINGS)}; several (comma-separated) train one model each "
+        "and compare them (default equal)",
+    )
     return parser.parse_args(argv)
 
 
 class Ranker(nn.Module):
     """An MLP tower with one logit per task, holding its loss so that DDP and .to() carry it along."""
 
-    def __init__(self, features: int, tasks: list[str], pos_weights: list[float], distributed: bool) -> None:
+    def __init__(
+        self,
+        features: int,
+        tasks: list[str],
+        pos_weights: list[float],
+        distributed: bool,
+        weighting: Optional[TaskWeighting] = None,
+    ) -> None:
         super().__init__()
         self.tower = nn.Sequential(
             nn.Linear(features, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, len(tasks))
         )
         # With ranks holding different labelled counts, "global" keeps the DDP gradient exact.
-        self.loss = MultiTaskLoss(tasks, pos_weights=pos_weights, normalize="global" if distributed else "local")
+        # A weighting inside the loss is inside the model DDP wraps: the same weights on every rank.
+        self.loss = MultiTaskLoss(
+            tasks, pos_weights=pos_weights, normalize="global" if distributed else "local", weighting=weighting
+        )
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self.tower(batch.features)
@@ -74,7 +93,8 @@ class Curve:
 
 def _rank_and_world() -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("gloo")
+        if not dist.is_initialized():  # one group for all the weightings trained in turn
+            dist.init_process_group("gloo")
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -148,12 +168,19 @@ def plot(curve: Curve, path: Path) -> Optional[Path]:
     return path
 
 
-def train(args: argparse.Namespace) -> int:
+def train(args: argparse.Namespace, weighting: str = "equal") -> list[tuple[str, float, ...]]:
+    """Train one model with ``weighting``; rank 0 returns the final table's rows, other ranks none."""
     rank, world = _rank_and_world()
     torch.manual_seed(args.seed)  # the same initial model on every rank
     data = EngagementModel(args.tasks, args.features, seed=args.seed)
     tasks = [name for name, _ in ENGAGEMENTS[: args.tasks]]
-    ranker = Ranker(args.features, tasks, _pos_weights(data, args.tasks), distributed=world > 1)
+    ranker = Ranker(
+        args.features,
+        tasks,
+        _pos_weights(data, args.tasks),
+        distributed=world > 1,
+        weighting=WEIGHTINGS[weighting](tasks),
+    )
     # [ddp-start]
     model: nn.Module = DistributedDataParallel(ranker) if world > 1 else ranker
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -179,7 +206,7 @@ def train(args: argparse.Namespace) -> int:
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         optimizer.step()
-        global_loss.update(losses, weight=args.batch_size)
+        global_loss.update(for_logging(losses, tasks), weight=args.batch_size)  # the task losses and their mean
         # [ddp-end]
         ranking.update(logits.detach() - log_pos_weight, batch.labels, batch.weights, batch.mask)
         if world > 1:
@@ -190,6 +217,7 @@ def train(args: argparse.Namespace) -> int:
             ranked = ranking.compute()  # every rank: it syncs
             curve.add(step, window)
             line = f"step {step:>5}: global loss {window['loss'].item():.4f}"
+            applied = weights_text(losses, tasks)
             if world > 1:
                 line += f" | rank {rank} local {local_loss.compute()['loss'].item():.4f}"
                 local_loss.reset()
@@ -199,6 +227,7 @@ def train(args: argparse.Namespace) -> int:
                 line = "\n".join(str(entry) for entry in lines)
             else:
                 line += " (" + ", ".join(f"{name} {window[f'loss/{name}'].item():.3f}" for name in tasks) + ")"
+            line += applied
             line += (
                 "\n"
                 + " " * 13
@@ -217,16 +246,26 @@ def train(args: argparse.Namespace) -> int:
     # DDP's reducer must be gone before its process group is: gloo can abort otherwise.
     del model, optimizer
     gc.collect()
+    rows = []
     if rank == 0:
         elapsed = time.perf_counter() - started
-        print(f"\ntrained {args.steps} steps x {args.batch_size} rows x {world} rank(s) in {elapsed:.1f} s")
-        print_table(evaluate(ranker, data, args.holdout, args.seed))
-        path = plot(curve, args.output)
+        print(
+            f"\ntrained {args.steps} steps x {args.batch_size} rows x {world} rank(s) in {elapsed:.1f} s, "
+            f"weighting {weighting}"
+        )
+        rows = evaluate(ranker, data, args.holdout, args.seed)
+        print_table(rows)
+        output = args.output if len(args.weighting) == 1 else args.output.with_stem(f"{args.output.stem}_{weighting}")
+        path = plot(curve, output)
         print(f"loss curve: {path.resolve()}" if path else "loss curve: matplotlib not installed, no plot")
     if world > 1:
-        dist.barrier()  # the other ranks wait for rank 0's evaluation, then all tear down together
-        dist.destroy_process_group()
-    return 0
+        dist.barrier()  # the other ranks wait for rank 0's evaluation
+    return rows
+
+
+def gap_closed(trained: float, optimal: float, base: float) -> float:
+    """The share of the way from the base-rate loss to the optimal loss that the trained model went."""
+    return (base - trained) / (base - optimal) if base > optimal else float("nan")
 
 
 def print_table(rows: list[tuple[str, float, ...]]) -> None:
@@ -236,7 +275,7 @@ def print_table(rows: list[tuple[str, float, ...]]) -> None:
         f"{'NE':>7} {'NE opt.':>7} {'calibr.':>7}"
     )
     for name, rate, trained, optimal, base, ne, ne_optimal, calibration in rows:
-        closed = (base - trained) / (base - optimal) if base > optimal else float("nan")
+        closed = gap_closed(trained, optimal, base)
         print(
             f"{name:<8} {rate:>9.1%} {trained:>9.4f} {optimal:>9.4f} {base:>10.4f} {closed:>10.0%} "
             f"{ne:>7.4f} {ne_optimal:>7.4f} {calibration:>7.3f}"
@@ -247,4 +286,11 @@ def print_table(rows: list[tuple[str, float, ...]]) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return train(parse_args(argv))
+    args = parse_args(argv)
+    tables = {weighting: train(args, weighting) for weighting in args.weighting}
+    if len(tables) > 1 and all(tables.values()):  # rank 0
+        print_comparison({name: {row[0]: gap_closed(*row[2:5]) for row in rows} for name, rows in tables.items()})
+    if dist.is_initialized():
+        dist.barrier()  # all ranks tear down together
+        dist.destroy_process_group()
+    return 0

@@ -94,3 +94,24 @@ def test_demo_under_torchrun_shows_local_and_global_losses(tmp_path, command):
     # One line of global RCE and calibration per logged step, printed once (rank 0).
     assert sorted(_logged_ranking(output)) == [50, 100]
     assert output.count("| calibration ") == 2
+
+
+def test_demo_compares_task_weightings(tmp_path, command):
+    names = ["equal", "uncertainty", "dwa", "rlw", "gls"]
+    short_run = ["--steps", "40", "--log-every", "20", "--holdout", "2000", "--tasks", "3", "--no-progress"]
+    output = command(
+        [sys.executable, "-m", "demo", *short_run, "--weighting", ",".join(names), "--output", str(tmp_path / "c.png")],
+        ENV,
+        TIMEOUT,
+    )
+    assert [line.split(", weighting ")[1] for line in output.splitlines() if ", weighting " in line] == names
+    # The weightings log the weights they applied; equal weighting has none to log.
+    assert output.count("| weights click ") == 2 * (len(names) - 1)
+    comparison = output.split("held-out gap closed per task, by weighting")[1].splitlines()
+    assert comparison[1].split() == ["task", *names]
+    gaps = {row.split()[0]: [float(v.rstrip("%")) for v in row.split()[1:]] for row in comparison[2:6]}
+    assert list(gaps) == ["click", "fav", "repost", "mean"]
+    # Each column is the "gap closed" of that weighting's own table (rounded there to whole percents).
+    own = [float(v) for v in re.findall(r"^click\s+[\d.]+%(?:\s+[\d.]+){3}\s+(\d+)%", output, re.MULTILINE)]
+    assert own == pytest.approx(gaps["click"], abs=0.5)
+    assert all(0 < gap <= 100 for row in gaps.values() for gap in row)
