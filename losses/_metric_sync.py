@@ -16,6 +16,7 @@ ranks whose files are loaded hold all the ``D`` that are not zero (for example r
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Optional, Union
@@ -25,6 +26,8 @@ import torch.distributed as dist
 from torch import nn
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
+from torchmetrics.utilities.exceptions import TorchMetricsUserError
+from torchmetrics.utilities.prints import rank_zero_warn
 
 #: The dtype of every sum state, whatever dtype the module around the metric is cast to.
 SUM_DTYPE = torch.float64
@@ -75,10 +78,12 @@ class SumMetric(Metric):
         super().__init__(**metric_kwargs)
         self._sum_names: list[str] = []
         self._sum_shapes: list[torch.Size] = []
+        self._sum_sizes: list[int] = []
         # G and L of the module docstring: packed global sums at the last sync and this rank's
         # packed sums at that moment; None when there was no sync since construction, reset or load.
         self._synced_sums: Optional[torch.Tensor] = None
         self._local_at_sync: Optional[torch.Tensor] = None
+        self._loaded = False  # states came from a checkpoint since construction or reset
 
     # ----------------------------------------------------------------------------------- states
 
@@ -88,6 +93,7 @@ class SumMetric(Metric):
         Metric.add_state(self, name, torch.zeros(size, dtype=SUM_DTYPE), dist_reduce_fx="sum", persistent=True)
         self._sum_names.append(name)
         self._sum_shapes.append(size)
+        self._sum_sizes.append(size.numel())
         self._forget_sync()
 
     def add_state(self, name: str, *args: Any, **kwargs: Any) -> None:
@@ -101,18 +107,25 @@ class SumMetric(Metric):
         """The names of the sum states, in the order they are packed."""
         return tuple(self._sum_names)
 
+    # States are plain instance attributes (torchmetrics keeps them out of nn.Module's registries),
+    # so they are read from and written to __dict__ directly: the sync path touches every state
+    # twice, and nn.Module.__setattr__ costs more than the tensor work here.
+
+    def _states(self) -> dict[str, torch.Tensor]:
+        return {name: self.__dict__[name] for name in self._sum_names}
+
     def _pack(self, states: Optional[dict[str, Any]] = None) -> torch.Tensor:
-        """All sum states (of ``states`` if given, else the current ones) as one float64 vector."""
-        source = states if states is not None else {name: getattr(self, name) for name in self._sum_names}
+        """All sum states (of ``states`` if given, else the current ones) as one new float64 vector."""
+        source = self._states() if states is None else states
         if not self._sum_names:
             return torch.zeros(0, dtype=SUM_DTYPE, device=self.device)
         return torch.cat([source[name].reshape(-1) for name in self._sum_names])
 
     def _unpack(self, packed: torch.Tensor) -> None:
-        """Set every sum state from one packed vector (views of it; callers pass a fresh tensor)."""
-        pieces = torch.split(packed, [shape.numel() for shape in self._sum_shapes])
+        """Set every sum state to a view of one packed vector (callers pass a tensor of their own)."""
+        pieces = packed.split_with_sizes(self._sum_sizes)
         for name, shape, piece in zip(self._sum_names, self._sum_shapes, pieces, strict=True):
-            setattr(self, name, piece.view(shape))
+            self.__dict__[name] = piece.view(shape)
 
     def _local_sums(self) -> torch.Tensor:
         """This rank's own packed sums, also while the states hold synced values."""
@@ -130,14 +143,82 @@ class SumMetric(Metric):
 
     # ------------------------------------------------------------------------------------- sync
 
+    def sync(
+        self,
+        dist_sync_fn: Optional[Callable[..., Any]] = None,
+        process_group: Any = None,
+        should_sync: bool = True,
+        distributed_available: Optional[Callable[[], bool]] = None,
+    ) -> None:
+        # torchmetrics' sync, without its copy of every state: a sync here sets new tensors and
+        # never writes into the local ones, so those are kept as they are for unsync().
+        if self._is_synced and should_sync:
+            raise TorchMetricsUserError(f"{type(self).__name__} is already synced; call unsync() first.")
+        available = distributed_available or self.distributed_available_fn
+        if not should_sync or not (callable(available) and available()):
+            return
+        self.__dict__["_cache"] = self._states()
+        self._sync_dist(dist_sync_fn or gather_all_tensors, process_group=process_group)
+        self.__dict__["_is_synced"] = True
+
+    def unsync(self, should_unsync: bool = True) -> None:
+        if not should_unsync:
+            return
+        if not self._is_synced or self._cache is None:
+            raise TorchMetricsUserError(f"{type(self).__name__} is not synced; there is nothing to unsync.")
+        self.__dict__.update(self._cache)
+        self.__dict__["_cache"] = None
+        self.__dict__["_is_synced"] = False
+
+    def _wrap_compute(self, compute: Callable[..., Any]) -> Callable[..., Any]:
+        # torchmetrics' wrapper squeezes and clones every tensor of the result, which for a dict of
+        # T + 1 values costs more than the sync. Here compute() reads states that no update()
+        # writes into afterwards (the synced copies, or a copy made here), so its result needs no
+        # clone. A bare tensor result is squeezed to a scalar if it holds one value, as in
+        # torchmetrics; dicts and lists are returned as compute() built them.
+        @functools.wraps(compute)
+        def compute_with_sync(*args: Any, **kwargs: Any) -> Any:
+            if not self.update_called and not self._loaded:
+                rank_zero_warn(
+                    f"{type(self).__name__}.compute() runs on a rank with no update() or load since it was "
+                    "built or reset.",
+                    UserWarning,
+                )
+            cached: Any = self._computed
+            if cached is not None:
+                return cached
+            self.sync(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync)
+            try:
+                if self._is_synced:
+                    value = compute(*args, **kwargs)
+                else:
+                    local = self._states()
+                    self._unpack(self._pack())
+                    try:
+                        value = compute(*args, **kwargs)
+                    finally:
+                        self.__dict__.update(local)
+            finally:
+                self.unsync(should_unsync=self._is_synced and self._should_unsync)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.squeeze()
+            if self.compute_with_cache:
+                self.__dict__["_computed"] = value
+            return value
+
+        return compute_with_sync
+
     def _sync_dist(self, dist_sync_fn: Callable[..., Any] = gather_all_tensors, process_group: Any = None) -> None:
-        local = self._pack()
         if dist_sync_fn is gather_all_tensors:
-            synced = local.clone()
+            synced = self._pack()
             dist.all_reduce(synced, op=dist.ReduceOp.SUM, group=process_group or self.process_group)
+            # The local states are untouched so far; packed after the collective, not before,
+            # because work before it delays every rank.
+            local = self._pack()
             self._unpack(synced.clone())
         else:
             # The user's own transport: torchmetrics gathers every state with it and sums.
+            local = self._pack()
             super()._sync_dist(dist_sync_fn, process_group=process_group)
             synced = self._pack()
         self._remember_sync(synced, local)
@@ -154,6 +235,7 @@ class SumMetric(Metric):
     def reset(self) -> None:
         super().reset()
         self._forget_sync()
+        self._loaded = False
 
     # ------------------------------------------------------------------------------------ dtype
 
@@ -263,6 +345,7 @@ class SumMetric(Metric):
     def _restart_from(self, local: torch.Tensor) -> None:
         self._unpack(local.clone())
         self._forget_sync()
+        self._loaded = True
         self._computed = None
         self._cache = None
         self._is_synced = False

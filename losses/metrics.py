@@ -316,6 +316,8 @@ def _refuse_whole_lightning_logging(metric: MultiTaskGlobalLoss) -> None:
         frame = frame.f_back if frame is not None else None
         if frame is None:
             return
+        if frame.f_code.co_name != "compute":  # cheap test first: reading f_locals copies them
+            continue
         caller = frame.f_locals.get("self")
         if type(caller).__name__ == "_ResultMetric" and getattr(caller, "value", None) is metric:
             name = getattr(getattr(caller, "meta", None), "name", "?")
