@@ -18,6 +18,8 @@ source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_default_options = {"members": True, "show-inheritance": False}
+# losses.lightning imports Lightning, which the docs extra does not install.
+autodoc_mock_imports = ["lightning"]
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 nitpicky = False
