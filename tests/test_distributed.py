@@ -240,7 +240,12 @@ def _collectives_per_compute(rank, world_size, num_tasks):
         single_value = single.compute()
         metric.compute()  # cached: no second sync
         state = metric.state_dict()
+    # After compute() the states are this rank's own again, and updates keep adding to them.
+    local_weight = metric.total_weight.item()
+    metric.update({key: torch.tensor(1.0) for key in metric.result_keys}, weight=1)
     return {
+        "local_weight": local_weight,
+        "after_update": metric.compute()["loss"].item(),
         "updates": after_updates,
         "compute": after_compute,
         "all": counter.calls,
@@ -252,13 +257,17 @@ def _collectives_per_compute(rank, world_size, num_tasks):
 
 @pytest.mark.parametrize("num_tasks", [1, 500])
 def test_a_sync_is_exactly_one_all_reduce_for_one_task_or_five_hundred(ranks, num_tasks):
-    for result in ranks(_collectives_per_compute, 2, num_tasks):
+    results = ranks(_collectives_per_compute, 2, num_tasks)
+    for result in results:
         assert result["updates"] == []
         assert result["compute"] == ["all_reduce"]
         # The second metric's compute is one more; the cached compute and state_dict() add none.
         assert result["all"] == ["all_reduce", "all_reduce"]
         assert result["loss"] == 1.0
         assert result["single"] == pytest.approx(2 / 3)
+    for rank, result in enumerate(results):
+        assert result["local_weight"] == rank + 1
+        assert result["after_update"] == 1.0
 
 
 def _sync_options(rank, world_size):
