@@ -60,14 +60,14 @@ def _element_losses(
     # x = +inf, y = 0 that is inf - 0 * inf = NaN where torch gives inf), and the weight
     # multiplies log sigmoid(x) whole, each product rounded on its own (splitting the weight,
     # or a fused multiply-add, leaves 1e22 where torch's terms cancel to 0 at x = -1e30).
-    # Two [B, T] buffers, written in place: `losses` holds -(1 + (p - 1) y) log sigmoid(x),
-    # then gains (1 - y) x; `scratch` holds log sigmoid(x), then (1 - y) x.
+    # Two [B, T] buffers, written in place: `weighted` holds (1 + (p - 1) y) log sigmoid(x);
+    # `losses` holds log sigmoid(x), then (1 - y) x, then the loss.
     ones = torch.ones_like(pos_weight)
-    losses = torch.addcmul(ones.neg(), y, ones - pos_weight)
-    scratch = _log_sigmoid(x)
-    losses.mul_(scratch)
-    losses.add_(torch.sub(ones, y, out=scratch).mul_(x))
-    del scratch
+    weighted = torch.addcmul(ones, y, pos_weight - ones)
+    losses = _log_sigmoid(x)
+    weighted.mul_(losses)
+    losses = torch.sub(ones, y, out=losses).mul_(x).sub_(weighted)
+    del weighted
     if weights is not None:
         losses.mul_(weights)
     if mask is not None:

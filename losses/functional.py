@@ -233,7 +233,7 @@ def check_multi_task_inputs(
         )
     block = logits.shape[:2]
     if num_class_dims:
-        if labels.is_floating_point() or labels.dtype == torch.bool:
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"Expected cross-entropy `labels` to be integer class indices, got dtype {labels.dtype}.")
         if labels.shape != block:
             raise ValueError(

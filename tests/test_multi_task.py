@@ -653,3 +653,11 @@ def test_torch_compile_dynamic_builds_at_most_two_graphs_for_batch_sizes_64_to_9
         out["loss"].backward()
     assert counter.frame_count <= 2
     torch._dynamo.reset()
+
+
+def test_complex_cross_entropy_labels_are_a_named_error():
+    loss = MultiTaskLoss(TASKS[:2], loss_type="cross_entropy")
+    with pytest.raises(
+        TypeError, match="cross-entropy `labels` to be integer class indices, got dtype torch.complex64"
+    ):
+        loss(torch.zeros(4, 2, 3), torch.zeros(4, 2, dtype=torch.complex64))
