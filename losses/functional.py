@@ -276,7 +276,9 @@ def multi_task_bce(
               - (1 + (p_t - 1) y_{bt}) \log \sigma(x_{bt}) \right],
         \qquad L = f \sum_t \tau_t L_t
 
-    The bracket is the element loss of :func:`binary_cross_entropy_with_logits`. Entries where
+    The bracket is the element loss of :func:`binary_cross_entropy_with_logits`, computed in
+    torch's order of operations, so infinite logits give torch's values (``+inf`` with label 0
+    is ``inf``, a ``-inf`` logit NaN) and gradients. Entries where
     ``mask`` is false contribute nothing to the losses or the gradient, whatever their label
     holds (NaN included). One autograd node with an analytic gradient: no loop over tasks and no
     ``[B, T]`` intermediate kept for backward. Under a :mod:`torch.func` transform (``grad``,
