@@ -283,6 +283,7 @@ def print_table(rows: list[tuple[str, float, ...]]) -> None:
     print("optimal: the generating model's own loss (Bayes-optimal); base rate: the best constant prediction")
     print("NE: log loss of the probabilities over that of the positive rate (1 = base rate; lower is better),")
     print("for the trained model and the Bayes-optimal one; calibr.: predicted over observed positives")
+    print("(of the final model; the training log's window values average the models of the last steps)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
