@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from losses import MultiTaskRankingMetrics
+from losses import MultiTaskRankingMetrics, sync_for_checkpoint
 from losses.ranking_functional import ranking_compute
 from tests.conftest import run_on_ranks
 from tests.ranking_reference import reference_metrics
@@ -170,3 +170,23 @@ def test_resume_on_another_world_size_counts_everything_once(saved, saved_world,
         # 30 steps move every ring through all its slots: the window is then phase B alone,
         # each rank's ring of the new world size, started at the saved position.
         assert_close(result["end"], per_rank_windows("B", resumed_world, start=after[0]["saved"]))
+
+
+def _save_mid_epoch(rank, world_size, out_dir):
+    """Phase A, then no compute: sync_for_checkpoint on every rank before rank 0 saves (a mid-epoch save)."""
+    model = torch.nn.Module()
+    model.ranking = MultiTaskRankingMetrics(TASKS, window=WINDOW, neg_sampling_rates=RATES)
+    for step in range(STEPS["A"]):
+        model.ranking.update(**batch("A", rank, step))
+    sync_for_checkpoint(model)
+    if rank == 0:
+        torch.save(model.ranking.state_dict(), Path(out_dir) / "metric.pt")
+
+
+def test_a_save_without_compute_resumes_exactly_after_sync_for_checkpoint(tmp_path):
+    run_on_ranks(_save_mid_epoch, 2, str(tmp_path))
+    after = run_on_ranks(_resume, 3, str(tmp_path))
+    phase_a = batches("A", range(2))
+    for result in after:
+        assert_close(result["right_after"], {**reference(phase_a), **per_rank_windows("A", 2)})
+        assert_close(result["end"], reference(phase_a + batches("B", range(3))))
