@@ -154,6 +154,19 @@ def _all_samples() -> list[Sample]:
 SAMPLES = _all_samples()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Run these tiny ops on one thread: waking a second one for each costs more than the op.
+
+    On a loaded machine every parallel region waits for the scheduler, which made this module
+    take a minute instead of seconds; values do not depend on it (torch runs under the same setting).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _ours(sample: Sample, through: str, logits: torch.Tensor) -> torch.Tensor:
     kwargs = sample.kwargs
     if sample.op == "bce":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import random
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -159,6 +160,19 @@ def _input_gradient(outputs: dict[str, torch.Tensor], logits: torch.Tensor, seed
     assert all(value.requires_grad for value in outputs.values()), "every output must be differentiable"
     (grad,) = torch.autograd.grad(list(outputs.values()), logits, _cotangents(outputs, seed))
     return grad
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Run these small batches on one thread: waking a second one for each op costs more than the op.
+
+    On a loaded machine every parallel region waits for the scheduler; one thread keeps this
+    module at a few seconds there too.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _quietly(build: Any, *args: Any, **kwargs: Any) -> Any:
