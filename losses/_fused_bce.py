@@ -62,12 +62,21 @@ def _element_losses(
     # or a fused multiply-add, leaves 1e22 where torch's terms cancel to 0 at x = -1e30).
     # Two [B, T] buffers, written in place: `weighted` holds (1 + (p - 1) y) log sigmoid(x);
     # `losses` holds log sigmoid(x), then (1 - y) x, then the loss.
-    ones = torch.ones_like(pos_weight)
-    weighted = torch.addcmul(ones, y, pos_weight - ones)
-    losses = _log_sigmoid(x)
-    weighted.mul_(losses)
-    losses = torch.sub(ones, y, out=losses).mul_(x).sub_(weighted)
-    del weighted
+    if torch.compiler.is_compiling():
+        # The compiler fuses the expression into its kernels, so the count of passes does not
+        # matter, and it rounds its own way anyway. The softplus form, (1 - y) softplus(x) -
+        # p y log sigmoid(x), keeps (1 - y) a factor (inf-safe as above) and lets the compiler
+        # reuse log sigmoid(x) in the gradient's loop, which makes it as fast as before the
+        # infinite-logit fix; tests check it against torch at infinite and huge logits too.
+        log_sigmoid = _log_sigmoid(x)
+        losses = (1.0 - y) * (x - log_sigmoid) - pos_weight * y * log_sigmoid
+    else:
+        ones = torch.ones_like(pos_weight)
+        weighted = torch.addcmul(ones, y, pos_weight - ones)
+        losses = _log_sigmoid(x)
+        weighted.mul_(losses)
+        losses = torch.sub(ones, y, out=losses).mul_(x).sub_(weighted)
+        del weighted
     if weights is not None:
         losses.mul_(weights)
     if mask is not None:

@@ -87,3 +87,26 @@ class TestMultiTaskBCEAtExtremeLogits:
                     (grad,) = torch.autograd.grad(ours[t], logits, retain_graph=True)
                     (ref_grad,) = torch.autograd.grad(ref[t], ref_in, retain_graph=True)
                     torch.testing.assert_close(grad, ref_grad, equal_nan=True, msg=f"gradient at x={x}, y={y}, t={t}")
+
+    @pytest.mark.parametrize("weight", [None, 0.5])
+    def test_each_entry_matches_torch_under_torch_compile(self, weight):
+        torch._dynamo.reset()
+        fused = torch.compile(
+            lambda x, y, p, w: functional.multi_task_bce(x, y, p, w)[0], fullgraph=True, dynamic=False
+        )
+        pos_weight = torch.tensor([1.0, 3.0, 0.0])
+        weights = None if weight is None else torch.full((1, 3), weight)
+        for x in self.LOGITS:
+            for y in self.LABELS:
+                logits = torch.full((1, 3), x, requires_grad=True)
+                labels = torch.full((1, 3), y)
+                ours = fused(logits, labels, pos_weight, weights)
+                ref_in = logits.detach().clone().requires_grad_()
+                ref = torch.nn.functional.binary_cross_entropy_with_logits(
+                    ref_in, labels, weight=weights, pos_weight=pos_weight, reduction="none"
+                )[0]
+                torch.testing.assert_close(ours, ref, equal_nan=True, msg=f"loss at x={x}, y={y}")
+                (grad,) = torch.autograd.grad(ours.sum(), logits)
+                (ref_grad,) = torch.autograd.grad(ref.sum(), ref_in)
+                torch.testing.assert_close(grad, ref_grad, equal_nan=True, msg=f"gradient at x={x}, y={y}")
+        torch._dynamo.reset()
