@@ -149,8 +149,8 @@ def cross_entropy(
 
     Shape:
         - logits: ``(C)``, ``(N, C)`` or ``(N, C, d_1, ..., d_K)``.
-        - labels: class indices of shape ``()``, ``(N)`` or ``(N, d_1, ..., d_K)``, or
-          probabilities of the shape of ``logits``.
+        - labels: class indices (any integer dtype, converted to int64) of shape ``()``, ``(N)``
+          or ``(N, d_1, ..., d_K)``, or probabilities of the shape of ``logits``.
         - weights: the shape of the class-index labels (logits without the class dimension).
         - class_weight: ``(C)``.
         - output: scalar, or one loss per sample for ``reduction="none"``.
