@@ -2,8 +2,15 @@
 float64 states whatever the module dtype, and checkpoints that count every record once.
 
 How a sync works: all sum states are packed into one float64 vector, summed over the ranks of the
-metric's ``process_group`` with one ``all_reduce``, and split back. A ``dist_sync_fn`` given by the
-user takes torchmetrics' own path with that function instead.
+metric's ``process_group`` with one ``all_reduce``, and split back. While that collective is in
+flight the metric does the work that does not need its result (a copy of its local sums, and what
+:meth:`SumMetric._while_syncing` prepares). A ``dist_sync_fn`` given by the user takes
+torchmetrics' own path with that function instead.
+
+States are never inference tensors when ``update`` writes into them: a ``reset`` or ``forward``
+under ``torch.inference_mode`` (Lightning's validation loop) leaves inference tensors, which refuse
+in-place writes outside that mode, so the first ``update`` outside it replaces them by normal
+copies (one clone per state, once).
 
 How a checkpoint works. At each sync the metric remembers the global sums ``G`` it received and
 its own local sums ``L`` at that moment; across the ranks, ``G`` is the sum of the ``L``. The
@@ -49,6 +56,21 @@ def _group_size(group: Any) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return int(dist.get_world_size(group))
+
+
+def values_on(name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` detached, in float64 on ``device`` (the states' device), for ``update``.
+
+    A meta tensor holds no values, so it can only go into states on the meta device; into real
+    states it is a ``ValueError`` naming the argument, not torch's "Cannot copy out of meta tensor".
+    """
+    if tensor.is_meta and device.type != "meta":
+        raise ValueError(
+            f"Expected `{name}` to hold values, got a tensor on the meta device while the metric's states "
+            f"are on {device}. Pass a real tensor, or move the metric to the meta device too (metric.to('meta'), "
+            "for example with the model) to trace shapes: it then records and computes meta tensors."
+        )
+    return tensor.detach().to(device=device, dtype=SUM_DTYPE)
 
 
 def _keep_dtype(fn: Callable[[torch.Tensor], torch.Tensor], tensor: torch.Tensor) -> torch.Tensor:
@@ -138,8 +160,33 @@ class SumMetric(Metric):
         self._local_at_sync = None
 
     def _remember_sync(self, synced: torch.Tensor, local: torch.Tensor) -> None:
-        self._synced_sums = synced
-        self._local_at_sync = local
+        # Plain attributes, set without nn.Module.__setattr__: this runs in every sync.
+        self.__dict__["_synced_sums"] = synced
+        self.__dict__["_local_at_sync"] = local
+
+    # ----------------------------------------------------------------------------------- update
+
+    def _wrap_update(self, update: Callable[..., None]) -> Callable[..., None]:
+        wrapped = super()._wrap_update(update)
+
+        @functools.wraps(update)
+        def update_normal_states(*args: Any, **kwargs: Any) -> None:
+            if not torch.is_inference_mode_enabled():
+                self._leave_inference_tensors()
+            # A batch value of an earlier forward() is not the value of this update's batch.
+            self.__dict__["_forward_cache"] = None
+            wrapped(*args, **kwargs)
+
+        return update_normal_states
+
+    def _leave_inference_tensors(self) -> None:
+        # States made under torch.inference_mode (a reset, or torchmetrics' forward, which rebuilds
+        # them) are inference tensors: in-place writes to them are refused outside that mode, and a
+        # clone made outside it is a normal tensor.
+        states = self.__dict__
+        for name in self._sum_names:
+            if states[name].is_inference():
+                states[name] = states[name].clone()
 
     # ------------------------------------------------------------------------------------- sync
 
@@ -187,7 +234,8 @@ class SumMetric(Metric):
             cached: Any = self._computed
             if cached is not None:
                 return cached
-            self.sync(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync)
+            # States on the meta device hold no values: there is nothing to sum across ranks.
+            self.sync(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync and self.device.type != "meta")
             try:
                 if self._is_synced:
                     value = compute(*args, **kwargs)
@@ -211,10 +259,15 @@ class SumMetric(Metric):
     def _sync_dist(self, dist_sync_fn: Callable[..., Any] = gather_all_tensors, process_group: Any = None) -> None:
         if dist_sync_fn is gather_all_tensors:
             synced = self._pack()
-            dist.all_reduce(synced, op=dist.ReduceOp.SUM, group=process_group or self.process_group)
-            # The local states are untouched so far; packed after the collective, not before,
-            # because work before it delays every rank.
+            work = dist.all_reduce(
+                synced, op=dist.ReduceOp.SUM, group=process_group or self.process_group, async_op=True
+            )
+            # Work before the collective would delay every rank; this work needs no result of it,
+            # so it runs while the numbers travel.
             local = self._pack()
+            self._while_syncing()
+            if work is not None:  # None on a rank outside the group, which dist.all_reduce skips
+                work.wait()
             self._unpack(synced.clone())
         else:
             # The user's own transport: torchmetrics gathers every state with it and sums.
@@ -222,6 +275,12 @@ class SumMetric(Metric):
             super()._sync_dist(dist_sync_fn, process_group=process_group)
             synced = self._pack()
         self._remember_sync(synced, local)
+
+    def _while_syncing(self) -> None:
+        """Work for ``compute()`` that needs no synced value, done while the packed ``all_reduce`` runs.
+
+        Nothing by default; a subclass may prepare its result here (see ``losses._dict_metric``).
+        """
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         # torchmetrics' forward resets the states to compute the batch value (and, with

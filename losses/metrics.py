@@ -3,31 +3,36 @@
 from __future__ import annotations
 
 import math
-import sys
+import numbers
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from types import FrameType
-from typing import Any, Literal, Optional, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, Optional, SupportsFloat, Union
 
 import torch
 from torch import nn
-from torchmetrics import Metric
 
 from losses import _validation as v
-from losses._metric_sync import SUM_DTYPE, SumMetric, sync_sum_metrics
+from losses._dict_metric import DictSumMetric
+from losses._metric_sync import SumMetric, sync_sum_metrics, values_on
 
 MetricReduction = Literal["mean", "sum"]
-Weight = Union[float, int, torch.Tensor]
+#: A real number (Python or NumPy scalar, not bool) or a one-element real tensor.
+Weight = Union[float, SupportsFloat, torch.Tensor]
 
 _INF = math.inf
 
 
-def _python_weight(weight: Union[float, int]) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise TypeError(f"Expected `weight` to be a number or a one-element tensor, got {type(weight).__name__}.")
-    if not math.isfinite(weight) or weight < 0:
+def _python_weight(weight: Any) -> float:
+    # numbers.Real takes Python and NumPy ints and floats (and Fractions); bool is an int to
+    # Python but never a weight, and NumPy's bool_ is not a Real.
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+        kind = type(weight)
+        name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        raise TypeError(f"Expected `weight` to be a number or a one-element tensor, got {name}.")
+    value = float(weight)
+    if not math.isfinite(value) or value < 0:
         raise ValueError(f"Expected `weight` to be non-negative and finite, got {weight!r}.")
-    return float(weight)
+    return value
 
 
 def _tensor_weight(weight: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -38,20 +43,26 @@ def _tensor_weight(weight: torch.Tensor, device: torch.device) -> torch.Tensor:
         raise TypeError(
             f"Expected `weight` to be a number or a one-element tensor of real numbers, got {weight.dtype}."
         )
-    return weight.detach().to(device=device, dtype=SUM_DTYPE).reshape(())
+    return values_on("weight", weight, device).reshape(())
 
 
 def _record(
-    sums: torch.Tensor, total_weight: torch.Tensor, invalid: torch.Tensor, values: torch.Tensor, weight: Weight
+    sums: torch.Tensor,
+    total_weight: torch.Tensor,
+    invalid: torch.Tensor,
+    values: torch.Tensor,
+    weight: Weight,
+    name: str,
 ) -> tuple[torch.Tensor, Union[float, torch.Tensor]]:
     """``sums += values * weight`` and ``total_weight += weight`` in place, without reading a value.
 
     One rule for every weight: a non-negative finite number. A Python number is checked here; a
     tensor is checked on the device, where a bad one adds nothing but one to ``invalid``, which
     ``compute()`` reports. A zero weight adds nothing, even to a NaN loss (NaN * 0 is NaN).
-    Returns ``values`` in float64 on the states' device and the weight that was counted.
+    Returns ``values`` in float64 on the states' device and the weight that was counted; ``name``
+    is the argument ``values`` came from, for errors.
     """
-    values = values.detach().to(device=sums.device, dtype=SUM_DTYPE)
+    values = values_on(name, values, sums.device)
     if not isinstance(weight, torch.Tensor):
         w = _python_weight(weight)
         if w > 0:
@@ -70,6 +81,8 @@ def _record(
 def _weighted_compute(
     weighted_sum: torch.Tensor, total_weight: torch.Tensor, invalid: torch.Tensor, reduction: MetricReduction, name: str
 ) -> torch.Tensor:
+    if invalid.is_meta:  # shape tracing: no values to check
+        return weighted_sum if reduction == "sum" else weighted_sum / total_weight
     bad = int(invalid.item())
     if bad:
         raise ValueError(
@@ -151,7 +164,9 @@ class GlobalLoss(SumMetric):
         v.check_tensor("loss", loss)
         if loss.numel() != 1:
             raise ValueError(f"Expected `loss` to be a single value, got shape {tuple(loss.shape)}.")
-        value, counted = _record(self.weighted_sum, self.total_weight, self.invalid_weights, loss.reshape(()), weight)
+        value, counted = _record(
+            self.weighted_sum, self.total_weight, self.invalid_weights, loss.reshape(()), weight, "loss"
+        )
         # The batch value, for Lightning's on_step logging of a metric fed by update().
         self._forward_cache = value if self.reduction == "mean" else value * counted  # type: ignore[assignment]
 
@@ -161,7 +176,7 @@ class GlobalLoss(SumMetric):
         )
 
 
-class MultiTaskGlobalLoss(SumMetric):
+class MultiTaskGlobalLoss(DictSumMetric):
     r""":class:`GlobalLoss` for every entry of the dict that :class:`~losses.MultiTaskLoss` returns.
 
     ``update(losses, weight)`` takes ``{"loss/<task>": ..., "loss": ...}``; ``compute()`` returns a
@@ -175,19 +190,25 @@ class MultiTaskGlobalLoss(SumMetric):
     All tasks live in one ``[T + 1]`` state tensor, and a sync is one ``all_reduce`` for 1 task or
     500. Weights, dtypes and checkpoints behave as in :class:`GlobalLoss`.
 
+    The ``"weight/<task>"`` entries that a task weighting adds to the dict
+    (``MultiTaskLoss(..., weighting=...)``) are accepted and not recorded: they are the same on
+    every rank, so log them as they are, each step (see :doc:`/logging`).
+
     The metric is also a read-only mapping from each key to a small metric of that entry alone
     (``metric["loss/fav"]``, ``metric.items()``), so ``self.log_dict(metric)`` in Lightning logs
     every entry. Those entry metrics share this metric's cached ``compute()``: logging all of them
     costs one sync, not ``T + 1``. Their ``reset()`` resets this metric.
 
     As input to ``forward`` and ``update``:
-        - ``losses``: a mapping with exactly the keys ``"loss/<task>"`` for each task and ``"loss"``;
-          missing or extra keys are a ``ValueError`` that names them.
+        - ``losses``: a mapping with the keys ``"loss/<task>"`` for each task and ``"loss"``, each a
+          one-element tensor (shapes ``[]`` and ``[1]`` may mix), and optionally
+          ``"weight/<task>"`` entries, which are ignored; a missing key, or any other key, is a
+          ``ValueError`` that names them.
         - ``weight``: a non-negative finite number or one-element tensor, the samples the batch
           stands for.
 
     As output of ``forward`` and ``compute``:
-        - a dict of float64 scalar tensors with the keys of the input.
+        - a dict of float64 scalar tensors with the keys ``"loss/<task>"`` and ``"loss"``.
 
     Args:
         tasks: the task names, as given to :class:`~losses.MultiTaskLoss`.
@@ -218,173 +239,74 @@ class MultiTaskGlobalLoss(SumMetric):
         super().__init__(**metric_kwargs)
         self.tasks = v.task_names(tasks)
         self.reduction: MetricReduction = v.check_choice("reduction", reduction, ("mean", "sum"))  # type: ignore[assignment]
-        self.result_keys = (*(f"loss/{task}" for task in self.tasks), "loss")
+        self.set_result_keys((*(f"loss/{task}" for task in self.tasks), "loss"))
         self._key_set = frozenset(self.result_keys)
+        # What a task weighting adds beside the losses; accepted, not recorded.
+        self._accepted_keys = self._key_set | {f"weight/{task}" for task in self.tasks}
         self.add_sum_state("weighted_sums", len(self.result_keys))
         self.add_sum_state("total_weight")
         self.add_sum_state("invalid_weights")
         self._step_values: Optional[torch.Tensor] = None
-        # Submodules, so that Lightning finds them among the module's metrics when they are logged.
-        self._entries = tuple(_Entry(self, key, index) for index, key in enumerate(self.result_keys))
-        self.entries = nn.ModuleList(self._entries)
 
     def update(self, losses: Mapping[str, torch.Tensor], weight: Weight = 1.0) -> None:
         if not isinstance(losses, Mapping):
             raise TypeError(f"Expected `losses` to be a dict of loss tensors, got {type(losses).__name__}.")
-        if losses.keys() != self._key_set:
+        keys = losses.keys()
+        if keys != self._key_set and not (self._key_set <= keys <= self._accepted_keys):
             missing = [key for key in self.result_keys if key not in losses]
-            extra = [key for key in losses if key not in self._key_set]
+            extra = [key for key in losses if key not in self._accepted_keys]
             raise ValueError(
-                f"Expected `losses` to have the keys {list(self.result_keys)}; missing {missing}, extra {extra}."
+                f"Expected `losses` to have the keys {list(self.result_keys)} (and optionally the "
+                f"'weight/<task>' entries of a task weighting); missing {missing}, extra {extra}."
             )
-        try:
-            with torch.no_grad():
-                values = torch.stack([losses[key] for key in self.result_keys])
-        except (RuntimeError, TypeError) as err:
-            raise ValueError(f"Expected every entry of `losses` to be a tensor of one shape: {err}") from err
-        if values.numel() != len(self.result_keys):
-            shapes = {key: tuple(losses[key].shape) for key in self.result_keys}
-            raise ValueError(f"Expected every entry of `losses` to be a single-value tensor, got {shapes}.")
         recorded, counted = _record(
-            self.weighted_sums, self.total_weight, self.invalid_weights, values.reshape(-1), weight
+            self.weighted_sums,
+            self.total_weight,
+            self.invalid_weights,
+            _single_values(losses, self.result_keys),
+            weight,
+            "losses",
         )
         # The batch values, packed, for the entries' on_step logging (forward() sets its own).
-        self._step_values = recorded if self.reduction == "mean" else recorded * counted
-        self._forward_cache = None
+        self.__dict__["_step_values"] = recorded if self.reduction == "mean" else recorded * counted
 
-    def compute(self) -> dict[str, torch.Tensor]:
-        _refuse_whole_lightning_logging(self)
-        values = _weighted_compute(
+    def compute_values(self) -> torch.Tensor:
+        return _weighted_compute(
             self.weighted_sums, self.total_weight, self.invalid_weights, self.reduction, type(self).__name__
         )
-        return dict(zip(self.result_keys, values.unbind(), strict=True))
+
+    def update_step_values(self) -> Optional[torch.Tensor]:
+        return self._step_values
 
     def reset(self) -> None:
         super().reset()
         self._step_values = None
 
-    # A read-only mapping of entry metrics, for `self.log_dict(metric)`.
-    def keys(self) -> tuple[str, ...]:
-        return self.result_keys
-
-    def values(self) -> list[Metric]:
-        return list(self._entries)
-
-    def items(self) -> list[tuple[str, Metric]]:
-        return list(zip(self.result_keys, self._entries, strict=True))
-
-    def __getitem__(self, key: Any) -> Any:
-        if isinstance(key, str):
-            if key not in self._key_set:
-                raise KeyError(f"Expected one of the keys {list(self.result_keys)}, got {key!r}.")
-            return self._entries[self.result_keys.index(key)]
-        return super().__getitem__(key)
-
-    def __iter__(self) -> Iterator[str]:  # type: ignore[override]
-        return iter(self.result_keys)
-
-    def __len__(self) -> int:
-        return len(self.result_keys)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._key_set
-
     def extra_repr(self) -> str:
         return f"tasks={list(self.tasks)}, reduction={self.reduction!r}"
 
-    def __repr__(self) -> str:
-        # The entry submodules would print T + 1 lines.
-        return f"{type(self).__name__}({self.extra_repr()})"
 
-    def _step_value(self, key: str, index: int) -> Optional[torch.Tensor]:
-        forward_value: Any = self._forward_cache  # forward() stores the dict of the batch values
-        if isinstance(forward_value, dict):
-            return forward_value[key]  # type: ignore[no-any-return]
-        return None if self._step_values is None else self._step_values[index]
-
-
-def _refuse_whole_lightning_logging(metric: MultiTaskGlobalLoss) -> None:
-    """Raise with the working pattern when Lightning's logger computes the whole metric.
-
-    ``self.log_dict(collection)`` with a MetricCollection holding the metric logs it as one value,
-    and Lightning's logger takes one tensor per logged metric: without this, its error at the end
-    of the epoch would say the dict is not a tensor but not what to do. Lightning's logged-value
-    wrapper is recognised by its attribute ``value`` being this metric, a few frames up.
-    """
-    frame: Optional[FrameType] = sys._getframe(1)
-    for _ in range(6):
-        frame = frame.f_back if frame is not None else None
-        if frame is None:
-            return
-        if frame.f_code.co_name != "compute":  # cheap test first: reading f_locals copies them
-            continue
-        caller = frame.f_locals.get("self")
-        if type(caller).__name__ == "_ResultMetric" and getattr(caller, "value", None) is metric:
-            name = getattr(getattr(caller, "meta", None), "name", "?")
-            raise TypeError(
-                f"Expected Lightning to log the entries of {type(metric).__name__}, got the whole metric logged as "
-                f"{name!r} (for example by self.log_dict(collection) with a MetricCollection holding it): "
-                "Lightning logs one tensor per metric and compute() returns a dict. Log the metric itself with "
-                "self.log_dict(metric), which logs each entry; or, for a MetricCollection, call "
-                "self.log_dict(collection.compute()) at the end of the epoch, then collection.reset()."
-            )
-
-
-class _Entry(Metric):
-    """One entry of a :class:`MultiTaskGlobalLoss` as a metric: Lightning's ``self.log`` takes it.
-
-    It holds no state: ``compute()`` is the parent's cached ``compute()[key]`` (one sync for all
-    entries), ``reset()`` resets the parent, and the step value is the parent's batch value.
-    """
-
-    is_differentiable = False
-    higher_is_better = False
-    full_state_update = False
-
-    def __init__(self, parent: MultiTaskGlobalLoss, key: str, index: int) -> None:
-        # No sync of its own and no cache: the parent holds both.
-        super().__init__(sync_on_compute=False, compute_with_cache=False)
-        # Not a submodule: the parent owns the entries, not the other way round.
-        self.__dict__["_parent"] = parent
-        self.key = key
-        self.index = index
-
-    @property
-    def parent(self) -> MultiTaskGlobalLoss:
-        parent: MultiTaskGlobalLoss = self.__dict__["_parent"]
-        return parent
-
-    @property
-    def update_called(self) -> bool:
-        return self.parent.update_called
-
-    @property
-    def update_count(self) -> int:
-        return self.parent.update_count
-
-    @property  # type: ignore[override]
-    def _forward_cache(self) -> Optional[torch.Tensor]:
-        return self.parent._step_value(self.key, self.index)
-
-    @_forward_cache.setter
-    def _forward_cache(self, value: Any) -> None:
-        pass  # torchmetrics sets it; the value always comes from the parent
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError(
-            f"Expected `update` to be called on the MultiTaskGlobalLoss, not on its entry {self.key!r}: "
-            "metric.update(losses, weight) records every entry."
-        )
-
-    def compute(self) -> torch.Tensor:
-        return self.parent.compute()[self.key]
-
-    def reset(self) -> None:
-        super().reset()
-        self.parent.reset()
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.key!r})"
+def _single_values(losses: Mapping[str, torch.Tensor], keys: Sequence[str]) -> torch.Tensor:
+    """The entries ``keys`` of ``losses`` as one vector; each must be a one-element tensor."""
+    entries = [losses[key] for key in keys]
+    try:
+        with torch.no_grad():
+            values = torch.stack(entries)  # one op when every entry has the same shape, the usual case
+    except (RuntimeError, TypeError):
+        values = None
+    if values is not None and values.numel() == len(entries):
+        return values.reshape(-1)
+    if not all(isinstance(entry, torch.Tensor) and entry.numel() == 1 for entry in entries):
+        shapes = {
+            key: tuple(entry.shape) if isinstance(entry, torch.Tensor) else type(entry).__name__
+            for key, entry in zip(keys, entries, strict=True)
+        }
+        raise ValueError(f"Expected every entry of `losses` to be a single-value tensor, got {shapes}.")
+    try:
+        with torch.no_grad():  # one-element entries of different shapes, [] and [1] say
+            return torch.stack([entry.reshape(()) for entry in entries])
+    except RuntimeError as err:
+        raise ValueError(f"Expected the entries of `losses` to be stackable single-value tensors: {err}") from err
 
 
 def sync_for_checkpoint(module: nn.Module) -> None:

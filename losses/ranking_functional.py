@@ -229,7 +229,12 @@ def ranking_sums(
 
 
 def undefined_message(sums: torch.Tensor, tasks: Sequence[str]) -> Optional[str]:
-    """Why some metrics of some tasks are NaN, or ``None`` if all are defined (reads the sums)."""
+    """Why some metrics of some tasks are NaN, or ``None`` if all are defined (reads the sums).
+
+    ``None`` for sums on the meta device, which hold no values to read.
+    """
+    if sums.is_meta:
+        return None
     rows = dict(zip(SUM_ROWS, sums.unbind(0), strict=True))
     empty = rows["weight"] <= 0
     one_class = ~empty & ((rows["positive"] <= 0) | (rows["positive"] >= rows["weight"]))
@@ -239,6 +244,45 @@ def undefined_message(sums: torch.Tensor, tasks: Sequence[str]) -> Optional[str]
         if named:
             parts.append(f"{reason} for {named}")
     return "; ".join(parts) if parts else None
+
+
+def _check_sums(sums: torch.Tensor, num_tasks: Optional[int] = None) -> None:
+    tasks = sums.shape[-1] if num_tasks is None and sums.ndim else num_tasks
+    if sums.ndim != 2 or tuple(sums.shape) != (len(SUM_ROWS), tasks):
+        raise ValueError(
+            f"Expected `sums` of shape ({len(SUM_ROWS)}, {'T' if tasks is None else tasks}) (sum rows, tasks), "
+            f"got {tuple(sums.shape)}."
+        )
+
+
+def ranking_values(sums: torch.Tensor) -> torch.Tensor:
+    r"""Every metric of :data:`RESULTS` for every task, as one ``(M, T)`` tensor in table order.
+
+    The values of :func:`ranking_compute` without the dict: row ``m`` is the metric ``m`` of
+    :data:`RESULTS` for every task, NaN where it is undefined. It reads no value on the host and
+    does not warn. Flattened, its rows give the values of :func:`ranking_compute` in key order.
+
+    Shape:
+        - sums: ``(K, T)``, the rows of :data:`SUM_ROWS`.
+        - output: ``(M, T)`` in the dtype of ``sums``, ``M = len(RESULTS)``.
+
+    Example:
+        >>> sums = ranking_sums(torch.tensor([[0.0], [2.0], [-1.0]]), torch.tensor([[1], [0], [0]]))
+        >>> ranking_values(sums)
+        tensor([[  1.6409],
+                [-64.0884],
+                [  1.0444],
+                [  1.6497],
+                [  0.3333]], dtype=torch.float64)
+    """
+    _check_sums(sums)
+    rows = dict(zip(SUM_ROWS, sums.unbind(0), strict=True))
+    return torch.stack([metric(rows) for metric in RESULTS.values()])
+
+
+def result_keys(tasks: Sequence[str], prefix: str = "") -> list[str]:
+    """The keys of :func:`ranking_compute`, ``"<prefix><metric>/<task>"``, metric-major."""
+    return [f"{prefix}{name}/{task}" for name in RESULTS for task in tasks]
 
 
 def ranking_compute(
@@ -277,16 +321,8 @@ def ranking_compute(
         calibration/click   1.6497
         ctr/click           0.3333
     """
-    if sums.ndim != 2 or sums.shape[0] != len(SUM_ROWS) or sums.shape[1] != len(tasks):
-        raise ValueError(
-            f"Expected `sums` of shape ({len(SUM_ROWS)}, {len(tasks)}) (sum rows, tasks), got {tuple(sums.shape)}."
-        )
+    _check_sums(sums, len(tasks))
     reason = undefined_message(sums, tasks) if warn else None
     if reason is not None:
         warnings.warn(f"Ranking metrics undefined, returned as NaN: {reason}.", UserWarning, stacklevel=2)
-    rows = dict(zip(SUM_ROWS, sums.unbind(0), strict=True))
-    results: dict[str, torch.Tensor] = {}
-    for name, metric in RESULTS.items():
-        values = metric(rows)
-        results.update((f"{prefix}{name}/{task}", value) for task, value in zip(tasks, values.unbind(), strict=True))
-    return results
+    return dict(zip(result_keys(tasks, prefix), ranking_values(sums).reshape(-1).unbind(), strict=True))

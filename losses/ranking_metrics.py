@@ -12,9 +12,16 @@ from torchmetrics.utilities.exceptions import TorchMetricsUserError
 
 from losses import _validation as v
 from losses import distributed
-from losses._metric_sync import SumMetric
+from losses._dict_metric import DictSumMetric
+from losses._metric_sync import values_on
 from losses.functional import check_multi_task_inputs
-from losses.ranking_functional import SUM_ROWS, ranking_compute, unchecked_ranking_sums, undefined_message
+from losses.ranking_functional import (
+    SUM_ROWS,
+    ranking_values,
+    result_keys,
+    unchecked_ranking_sums,
+    undefined_message,
+)
 
 #: How many slots the window's ring has: the window is the current slot and the ones before it.
 WINDOW_SLOTS = 10
@@ -46,7 +53,7 @@ def _check_rates(rates: Optional[v.TensorLike], num_tasks: int) -> Optional[tupl
     return values
 
 
-class MultiTaskRankingMetrics(SumMetric):
+class MultiTaskRankingMetrics(DictSumMetric):
     r"""Normalized entropy, RCE, log loss, calibration and CTR of every task, over all ranks.
 
     Each ``update`` adds four weighted sums per task (see :func:`losses.ranking_functional.ranking_sums`)
@@ -79,6 +86,11 @@ class MultiTaskRankingMetrics(SumMetric):
     loads it; see docs/ranking_metrics.rst for resumes on another world size.
 
     ``update`` reads no value on the host (no device sync); ``compute`` reads the sums once to warn.
+
+    The metric is also a read-only mapping from each key to a small metric of that entry alone
+    (``metrics["ne/click"]``, ``metrics.items()``), so ``self.log_dict(metrics)`` in Lightning logs
+    every entry with one sync per epoch, as for :class:`~losses.MultiTaskGlobalLoss`; with
+    ``on_step=True`` each entry logs the value of its batch alone.
 
     As input to ``forward`` and ``update`` (the BCE inputs of :class:`~losses.MultiTaskLoss`):
         - ``logits``: :math:`(B, T)`, floating point; half precision is computed in float32.
@@ -142,12 +154,16 @@ class MultiTaskRankingMetrics(SumMetric):
         self.neg_sampling_rates = _check_rates(neg_sampling_rates, len(self.tasks))
         shape = (len(SUM_ROWS), len(self.tasks))
         self.add_sum_state("sums", shape)
+        keys = result_keys(self.tasks)
         if self.window is not None:
             self.add_sum_state("window_sums", (WINDOW_SLOTS, *shape))
+            keys += result_keys(self.tasks, prefix="window_")
+        self.set_result_keys(keys)
         self._slot = 0
         self._slot_rows = 0
         self._rates_on: dict[torch.device, torch.Tensor] = {}
         self._batch_sums: Optional[torch.Tensor] = None
+        self._batch_values: Optional[torch.Tensor] = None  # of _batch_sums, computed when asked
 
     def extra_repr(self) -> str:
         return f"tasks={list(self.tasks)}, window={self.window}, neg_sampling_rates={self.neg_sampling_rates}"
@@ -162,12 +178,17 @@ class MultiTaskRankingMetrics(SumMetric):
         labels = v.check_tensor("labels", labels).detach()
         weights = None if weights is None else v.check_tensor("weights", weights).detach()
         check_multi_task_inputs(v.check_tensor("logits", logits), labels, weights, mask, len(self.tasks), 0)
-        sums = unchecked_ranking_sums(logits, labels, weights, mask, self._rates(logits.device)).to(self.sums.device)
+        sums = values_on(
+            "logits",
+            unchecked_ranking_sums(logits, labels, weights, mask, self._rates(logits.device)),
+            self.sums.device,
+        )
         self.sums.add_(sums)
         if self.window is not None:
             self._advance_window(self.window, logits.shape[0])
             self.window_sums[self._slot].add_(sums)
-        self._batch_sums = sums
+        self.__dict__["_batch_sums"] = sums
+        self.__dict__["_batch_values"] = None
 
     def _rates(self, device: torch.device) -> Optional[torch.Tensor]:
         # Built once per device: a tensor made from the Python floats on every update would be a
@@ -186,16 +207,26 @@ class MultiTaskRankingMetrics(SumMetric):
             self._slot_rows = 0
         self._slot_rows += rows
 
-    def compute(self) -> dict[str, torch.Tensor]:
-        results = ranking_compute(self.sums, self.tasks, warn=False)
+    def compute_values(self) -> torch.Tensor:
+        values = ranking_values(self.sums).reshape(-1)
         reasons = [undefined_message(self.sums, self.tasks)]
         if self.window is not None:
             window = self.window_sums.sum(0)
-            results.update(ranking_compute(window, self.tasks, prefix="window_", warn=False))
+            values = torch.cat([values, ranking_values(window).reshape(-1)])
             in_window = undefined_message(window, self.tasks)
             reasons.append(None if in_window is None or in_window == reasons[0] else f"in the window, {in_window}")
         _warn_undefined(reasons)
-        return results
+        return values
+
+    def update_step_values(self) -> Optional[torch.Tensor]:
+        if self._batch_values is None and self._batch_sums is not None:
+            self.__dict__["_batch_values"] = self._batch_vector(self._batch_sums)
+        return self._batch_values
+
+    def _batch_vector(self, batch: torch.Tensor) -> torch.Tensor:
+        """The values of one batch's sums for every key; the window keys repeat them."""
+        values = ranking_values(batch).reshape(-1)
+        return values if self.window is None else torch.cat([values, values])
 
     def forward(
         self,
@@ -217,10 +248,9 @@ class MultiTaskRankingMetrics(SumMetric):
         batch = self._batch_sums
         if self.dist_sync_on_step and distributed.is_distributed():
             batch = self._sync_batch(batch)
-        results = ranking_compute(batch, self.tasks, warn=False)  # a rare task often has one class per batch
-        if self.window is not None:
-            results.update({f"window_{key}": value for key, value in results.items()})
-        self._forward_cache = results  # type: ignore[assignment]  # what Lightning logs on_step
+        # No warning: a rare task often has one class per batch.
+        results = self.result_dict(self._batch_vector(batch))
+        self.__dict__["_forward_cache"] = results  # what Lightning logs on_step
         return results
 
     def _sync_batch(self, batch: torch.Tensor) -> torch.Tensor:
@@ -233,6 +263,8 @@ class MultiTaskRankingMetrics(SumMetric):
         super().reset()
         self._slot = 0
         self._slot_rows = 0
+        self._batch_sums = None
+        self._batch_values = None
 
     def get_extra_state(self) -> dict[str, int]:
         """The window's position: saved with the sums, so that a resumed ring continues where it was."""

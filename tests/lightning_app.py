@@ -24,7 +24,7 @@ from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MetricCollection
 
-from losses import GlobalLoss, MultiTaskGlobalLoss, MultiTaskLoss
+from losses import GlobalLoss, MultiTaskGlobalLoss, MultiTaskLoss, MultiTaskRankingMetrics
 from losses._metric_sync import SumMetric
 from losses.lightning import SyncMetricsOnCheckpoint
 
@@ -41,11 +41,13 @@ class Ranker(L.LightningModule):
         self.step_loss = GlobalLoss()
         self.per_task = MultiTaskGlobalLoss(TASKS)
         self.totals = MetricCollection({"sum": MultiTaskGlobalLoss(TASKS, reduction="sum")}, prefix="total_")
+        self.ranking = MultiTaskRankingMetrics(TASKS)
         self.seen: list[dict[str, Any]] = []
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        out = self.loss(self.tower(x), y)
+        logits = self.tower(x)
+        out = self.loss(logits, y)
         # One number for the epoch: the metric object itself, computed (and synced) at epoch end.
         self.train_loss.update(out["loss"], weight=x.shape[0])
         self.log("train_loss", self.train_loss, on_step=False, on_epoch=True)
@@ -57,16 +59,30 @@ class Ranker(L.LightningModule):
         self.log_dict(self.per_task, on_step=True, on_epoch=True)
         # A MetricCollection: updated here, computed and logged at the end of the epoch.
         self.totals.update(out, weight=x.shape[0])
-        self.record(batch_idx, out, x.shape[0])
+        # Ranking metrics of every task: log_dict takes this metric too, one sync per epoch.
+        self.ranking.update(logits, y)
+        self.log_dict(self.ranking, on_step=False, on_epoch=True)
+        self.record(batch_idx, out, x.shape[0], logits, y)
         return out["loss"]
 
     def on_train_epoch_end(self) -> None:
         self.log_dict(self.totals.compute())
         self.totals.reset()
 
-    def record(self, batch_idx: int, out: dict[str, torch.Tensor], batch: int) -> None:
+    def record(
+        self, batch_idx: int, out: dict[str, torch.Tensor], batch: int, logits: torch.Tensor, labels: torch.Tensor
+    ) -> None:
         values = {key: value.item() for key, value in out.items()}
-        self.seen.append({"epoch": self.current_epoch, "batch_idx": batch_idx, "weight": batch, "values": values})
+        self.seen.append(
+            {
+                "epoch": self.current_epoch,
+                "batch_idx": batch_idx,
+                "weight": batch,
+                "values": values,
+                "logits": logits.float().tolist(),
+                "labels": labels.float().tolist(),
+            }
+        )
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)

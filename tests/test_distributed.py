@@ -242,10 +242,14 @@ def _collectives_per_compute(rank, world_size, num_tasks):
         state = metric.state_dict()
     # After compute() the states are this rank's own again, and updates keep adding to them.
     local_weight = metric.total_weight.item()
-    metric.update({key: torch.tensor(1.0) for key in metric.result_keys}, weight=1)
+    metric.update({key: torch.tensor(3.0) for key in metric.result_keys}, weight=1)
+    after_update = metric.compute()
     return {
         "local_weight": local_weight,
-        "after_update": metric.compute()["loss"].item(),
+        "after_update": after_update["loss"].item(),
+        # The first result was built in fresh tensors: the second compute did not write into it.
+        "first_after_second": values["loss"].item(),
+        "all_entries": sorted({value.item() for value in after_update.values()}),
         "updates": after_updates,
         "compute": after_compute,
         "all": counter.calls,
@@ -267,7 +271,10 @@ def test_a_sync_is_exactly_one_all_reduce_for_one_task_or_five_hundred(ranks, nu
         assert result["single"] == pytest.approx(2 / 3)
     for rank, result in enumerate(results):
         assert result["local_weight"] == rank + 1
-        assert result["after_update"] == 1.0
+        # Weights 1 and 2 of 1.0, then weight 1 of 3.0 on each rank.
+        assert result["after_update"] == pytest.approx(9 / 5, rel=1e-15)
+        assert result["all_entries"] == [pytest.approx(9 / 5, rel=1e-15)]
+        assert result["first_after_second"] == 1.0
 
 
 def _sync_options(rank, world_size):

@@ -15,10 +15,13 @@ from torchmetrics import MetricCollection
 
 from losses import MultiTaskGlobalLoss, MultiTaskLoss
 from tests.conftest import run_command
+from tests.ranking_reference import reference_metrics
 
 #: Seconds for the whole launch (six fits); a hung collective fails the test instead of CI.
 TIMEOUT = 300
 KEYS = ["loss/fav", "loss/reply", "loss"]
+TASKS = ["fav", "reply"]
+RANKING_KEYS = [f"{name}/{task}" for name in ("ne", "rce", "logloss", "calibration", "ctr") for task in TASKS]
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +37,27 @@ def app(tmp_path_factory):
     return result
 
 
-def _records(seen, epoch=None):
-    """The (values, weight) records of ``seen``; those before a mid-epoch save if it holds one."""
-    records = []
+def _entries(seen, epoch=None):
+    """The step entries of ``seen``; those before a mid-epoch save if it holds one."""
+    entries = []
     for entry in seen:
         if entry.get("saved"):
             break
         if epoch is None or entry["epoch"] == epoch:
-            records.append((entry["values"], entry["weight"]))
-    return records
+            entries.append(entry)
+    return entries
+
+
+def _records(seen, epoch=None):
+    """The (values, weight) records of ``seen``; those before a mid-epoch save if it holds one."""
+    return [(entry["values"], entry["weight"]) for entry in _entries(seen, epoch)]
+
+
+def _ranking(entries):
+    """The ranking metrics of the steps ``entries`` (of every rank), by the float64 reference."""
+    logits = torch.tensor([row for entry in entries for row in entry["logits"]])
+    labels = torch.tensor([row for entry in entries for row in entry["labels"]])
+    return reference_metrics(TASKS, logits, labels)
 
 
 def _weighted(records, reduction="mean"):
@@ -81,8 +96,22 @@ def test_log_dict_of_the_per_task_metric_logs_every_entry_with_one_sync_per_epoc
         assert [entry["loss/reply_step"] for entry in steps] == pytest.approx(
             [values["loss/reply"] for values, _ in _records(seen[rank])], rel=1e-7
         )
-        # Two epochs: one sync each for the three entries of per_task; step_loss never syncs.
-        assert result["syncs"] == {"train_loss": 2, "per_task": 2, "totals.sum": 2}
+        # Two epochs: one sync each for the three entries of per_task (and the ten of ranking);
+        # step_loss never syncs.
+        assert result["syncs"] == {"train_loss": 2, "per_task": 2, "totals.sum": 2, "ranking": 2}
+
+
+def test_log_dict_of_the_ranking_metric_logs_every_entry_of_the_global_batch(app):
+    seen = [app("logging", rank)["seen"] for rank in (0, 1)]
+    for rank in (0, 1):
+        epochs = _epoch_logs(app("logging", rank)["logged"])
+        assert len(epochs) == 2
+        for epoch, logged in enumerate(epochs):
+            expected = _ranking(_entries(seen[0], epoch) + _entries(seen[1], epoch))
+            assert {key: logged[key] for key in RANKING_KEYS} == pytest.approx(expected, rel=1e-6)
+        # One rank's data alone gives other values: these are the global ones.
+        alone = _ranking(_entries(seen[rank], 0))
+        assert epochs[0]["ne/fav"] != pytest.approx(alone["ne/fav"], rel=1e-4)
 
 
 def test_update_then_log_on_step_logs_each_batch_value(app):
@@ -130,10 +159,18 @@ def test_fit_from_a_mid_epoch_checkpoint_resumes_exactly_with_the_callback(app):
     assert [len(records) for records in after] == [1, 1]  # the resumed run ran the third
     expected = _weighted(saved[0] + saved[1] + after[0] + after[1])
     totals = _weighted(saved[0] + saved[1] + after[0] + after[1], reduction="sum")
+    ranking = _ranking(
+        [entry for variant in ("save", "resume") for rank in (0, 1) for entry in _resumed_entries(app, variant, rank)]
+    )
     for values in logged:
         assert values["train_loss"] == pytest.approx(expected["loss"], rel=1e-12)
         assert {key: values[f"{key}_epoch"] for key in KEYS} == pytest.approx(expected, rel=1e-12)
         assert {key: values[f"total_{key}"] for key in KEYS} == pytest.approx(totals, rel=1e-12)
+        assert {key: values[key] for key in RANKING_KEYS} == pytest.approx(ranking, rel=1e-6)
+
+
+def _resumed_entries(app, phase, rank):
+    return _entries(app(f"{phase}_synced", rank)["seen"])
 
 
 def test_fit_from_a_mid_epoch_checkpoint_without_the_callback_counts_nothing_twice(app):

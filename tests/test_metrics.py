@@ -1,12 +1,15 @@
 import copy
 import math
 import pickle
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from torchmetrics import Metric, MetricCollection
 
-from losses import GlobalLoss, MultiTaskGlobalLoss, MultiTaskLoss
+from losses import GlobalLoss, MultiTaskGlobalLoss, MultiTaskLoss, MultiTaskRankingMetrics
+from losses.weighting import UncertaintyWeighting
 
 TASKS = ["fav", "reply", "click"]
 
@@ -178,6 +181,40 @@ class TestMultiTaskGlobalLoss:
         with pytest.raises(ValueError, match="duplicates"):
             MultiTaskGlobalLoss(["fav", "fav"])
 
+    def test_one_element_entries_of_any_shape_mix(self):
+        metric = MultiTaskGlobalLoss(TASKS)
+        mixed = {
+            "loss/fav": torch.tensor([0.1]),
+            "loss/reply": torch.tensor(0.2),
+            "loss/click": torch.tensor([[0.3]], dtype=torch.float64),
+            "loss": torch.tensor([0.2], dtype=torch.bfloat16),
+        }
+        metric.update(mixed, weight=1)
+        metric.update(_losses([0.5, 0.6, 0.7, 0.6]), weight=3)
+        values = {key: value.item() for key, value in metric.compute().items()}
+        bf16 = torch.tensor(0.2, dtype=torch.bfloat16).item()
+        assert values == pytest.approx(
+            {"loss/fav": 0.4, "loss/reply": 0.5, "loss/click": 0.6, "loss": (bf16 + 1.8) / 4}, rel=1e-7
+        )
+        with pytest.raises(ValueError, match=r"single-value tensor, got .*'loss/reply': \(2,\).*'loss/click': 'float'"):
+            metric.update({**mixed, "loss/reply": torch.ones(2), "loss/click": 0.3})
+
+    def test_the_weight_entries_of_a_task_weighting_are_accepted_and_not_recorded(self):
+        loss = MultiTaskLoss(TASKS, weighting=UncertaintyWeighting(TASKS))
+        out = loss(torch.randn(8, 3), torch.randint(0, 2, (8, 3)))
+        assert [key for key in out if key.startswith("weight/")] == [f"weight/{t}" for t in TASKS]
+        with_weights, without = MultiTaskGlobalLoss(TASKS), MultiTaskGlobalLoss(TASKS)
+        with_weights.update(out, weight=8)
+        without.update({key: value for key, value in out.items() if not key.startswith("weight/")}, weight=8)
+        assert list(with_weights.compute()) == ["loss/fav", "loss/reply", "loss/click", "loss"]
+        torch.testing.assert_close(with_weights.compute(), without.compute(), rtol=0, atol=0)
+        # Only the weights of this metric's tasks: anything else is still named.
+        with pytest.raises(ValueError, match=r"missing \[\], extra \['weight/share'\]"):
+            with_weights.update({**out, "weight/share": torch.tensor(1.0)})
+        partial = {key: value for key, value in out.items() if key != "loss/reply"}
+        with pytest.raises(ValueError, match=r"missing \['loss/reply'\], extra \[\]"):
+            with_weights.update(partial)
+
 
 class _Holder(torch.nn.Module):
     """A model that holds its metrics as submodules, as the docs advise."""
@@ -262,6 +299,26 @@ class TestWeights:
             metric.update(torch.tensor(0.5), torch.tensor(True))
         with pytest.raises(TypeError, match=r"got torch.complex64"):
             metric.update(torch.tensor(0.5), torch.tensor(1 + 1j))
+
+    @pytest.mark.parametrize(
+        "weight", [np.int64(32), np.int32(32), np.float32(32.0), np.float64(32.0), Fraction(64, 2)]
+    )
+    def test_numpy_scalars_and_other_real_numbers_are_weights(self, weight):
+        metric, per_task = GlobalLoss(reduction="sum"), MultiTaskGlobalLoss(TASKS, reduction="sum")
+        metric.update(torch.tensor(0.5), weight=weight)
+        per_task.update(_losses([0.5] * 4), weight=weight)
+        assert metric.compute().item() == 16.0
+        assert per_task.compute()["loss"].item() == 16.0
+
+    def test_numpy_bools_and_bad_numpy_values_are_refused(self):
+        metric = GlobalLoss()
+        with pytest.raises(TypeError, match="`weight` to be a number or a one-element tensor, got numpy.bool"):
+            metric.update(torch.tensor(0.5), np.bool_(True))
+        for bad in (np.float64(-2.0), np.float32(np.nan), np.float64(np.inf)):
+            with pytest.raises(ValueError, match="`weight` to be non-negative and finite"):
+                metric.update(torch.tensor(0.5), bad)
+        with pytest.raises(TypeError, match="got numpy.ndarray"):
+            metric.update(torch.tensor(0.5), np.array([2.0]))
 
     def test_integer_tensor_weights_count(self):
         metric = GlobalLoss()
@@ -362,3 +419,114 @@ class TestEntries:
             assert clone["loss/click"].parent is clone
             assert clone["loss/click"].compute().item() == pytest.approx(0.3)
         assert repr(metric) == "MultiTaskGlobalLoss(tasks=['fav', 'reply', 'click'], reduction='mean')"
+
+
+def _ranking_batch(step):
+    gen = torch.Generator().manual_seed(step)
+    return torch.randn(6, 2, generator=gen), (torch.rand(6, 2, generator=gen) < 0.5).float()
+
+
+#: Every metric of the library, with how to feed it the batch of a step.
+METRICS = {
+    "GlobalLoss": (lambda: GlobalLoss(), lambda step: ((torch.tensor(0.1 * step),), {"weight": step + 1})),
+    "MultiTaskGlobalLoss": (
+        lambda: MultiTaskGlobalLoss(TASKS),
+        lambda step: ((_losses([0.1 * step, 0.2, 0.3 * step, 0.4]),), {"weight": step + 1}),
+    ),
+    # A window of 6 slots' worth of rows: the ring moves (and zeroes a slot) every update.
+    "MultiTaskRankingMetrics": (
+        lambda: MultiTaskRankingMetrics(["click", "fav"], window=60),
+        lambda step: (_ranking_batch(step), {}),
+    ),
+}
+
+
+def _values(result):
+    return result if isinstance(result, dict) else {"value": result}
+
+
+class TestInferenceMode:
+    """Lightning's validation loop runs under torch.inference_mode; updates after it still work."""
+
+    def test_forward_under_inference_mode_then_update_outside(self):
+        metric = GlobalLoss()
+        with torch.inference_mode():
+            metric(torch.tensor(0.5))
+        metric.update(torch.tensor(1.0))
+        assert metric.compute().item() == 0.75
+
+    @pytest.mark.parametrize("name", list(METRICS))
+    @pytest.mark.parametrize("inside", ["forward", "update", "reset", "construction", "load"])
+    def test_every_metric_keeps_working_after_inference_mode(self, name, inside):
+        build, batch = METRICS[name]
+        metric, twin = build(), build()  # twin: the same records, never under inference_mode
+        first = 0
+        if inside == "construction":
+            with torch.inference_mode():
+                metric = build()
+        elif inside == "load":
+            twin.update(*batch(0)[0], **batch(0)[1])
+            source = build()
+            source.update(*batch(0)[0], **batch(0)[1])
+            with torch.inference_mode():
+                metric.load_state_dict(source.state_dict())
+            first = 1
+        for step in range(first, 3):
+            args, kwargs = batch(step)
+            twin.update(*args, **kwargs)
+            if inside == "reset" and step == 0:
+                with torch.inference_mode():
+                    metric.update(*args, **kwargs)
+                    metric.reset()
+                metric.update(*args, **kwargs)
+            elif inside in ("forward", "update"):
+                with torch.inference_mode():
+                    getattr(metric, inside if inside == "update" else "forward")(*args, **kwargs)
+            else:
+                metric.update(*args, **kwargs)
+        # Outside inference mode again: more updates, written in place into the states.
+        for step in range(3, 15):
+            args, kwargs = batch(step)
+            metric.update(*args, **kwargs)
+            twin.update(*args, **kwargs)
+        assert all(not getattr(metric, state).is_inference() for state in metric.sum_state_names)
+        torch.testing.assert_close(_values(metric.compute()), _values(twin.compute()), rtol=1e-12, atol=1e-12)
+
+
+class TestMetaDevice:
+    @pytest.mark.parametrize("name", list(METRICS))
+    def test_a_metric_on_the_meta_device_records_and_computes_meta_tensors(self, name):
+        build, batch = METRICS[name]
+        metric = build().to("meta")
+        for step in range(2):
+            args, kwargs = batch(step)
+            meta_args = [{k: v.to("meta") for k, v in a.items()} if isinstance(a, dict) else a.to("meta") for a in args]
+            metric.update(*meta_args, **kwargs)
+            metric.update(*args, **kwargs)  # real values are copied there too
+        results = _values(metric.compute())
+        assert all(value.is_meta and value.shape == () for value in results.values())
+        assert all(value.dtype == torch.float64 for value in results.values())
+
+    def test_a_meta_tensor_into_real_states_is_a_named_error(self):
+        meta = torch.empty((), device="meta")
+        with pytest.raises(ValueError, match="Expected `loss` to hold values, got a tensor on the meta device"):
+            GlobalLoss().update(meta)
+        with pytest.raises(ValueError, match="Expected `weight` to hold values"):
+            GlobalLoss().update(torch.tensor(0.5), weight=meta)
+        with pytest.raises(ValueError, match="Expected `losses` to hold values"):
+            MultiTaskGlobalLoss(["fav"]).update({"loss/fav": meta, "loss": meta})
+        with pytest.raises(ValueError, match="Expected `logits` to hold values"):
+            MultiTaskRankingMetrics(["fav"]).update(torch.empty(4, 1, device="meta"), torch.ones(4, 1, device="meta"))
+
+
+class TestResults:
+    def test_each_compute_returns_fresh_tensors(self):
+        for name, (build, batch) in METRICS.items():
+            metric = build()
+            metric.update(*batch(1)[0], **batch(1)[1])
+            first = _values(metric.compute())
+            kept = {key: value.clone() for key, value in first.items()}
+            metric.update(*batch(2)[0], **batch(2)[1])
+            second = _values(metric.compute())
+            torch.testing.assert_close(first, kept, rtol=0, atol=0, equal_nan=True, msg=name)
+            assert all(a is not b for a, b in zip(first.values(), second.values(), strict=True))

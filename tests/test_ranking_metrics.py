@@ -367,3 +367,51 @@ def test_loading_a_checkpoint_of_another_layout_names_the_states():
     with_window.update(**batches([4])[0])
     with pytest.raises(ValueError, match=r"the states \{'sums': \(4, 3\)\}"):
         MultiTaskRankingMetrics(TASKS).load_state_dict(with_window.state_dict())
+
+
+def test_the_metric_is_a_mapping_of_entry_metrics_for_lightning_log_dict():
+    metric = MultiTaskRankingMetrics(TASKS, window=100)
+    keys = [f"{prefix}{name}/{task}" for prefix in ("", "window_") for name in RESULTS for task in TASKS]
+    assert list(metric) == list(metric.keys()) == keys
+    assert len(metric) == 30
+    assert "window_ne/reply" in metric
+    assert "ne/share" not in metric
+    assert [key for key, _ in metric.items()] == keys
+    assert metric["calibration/fav"].key == "calibration/fav"
+    with pytest.raises(KeyError, match="got 'ne/share'"):
+        metric["ne/share"]
+    assert (
+        repr(metric) == "MultiTaskRankingMetrics(tasks=['click', 'fav', 'reply'], window=100, neg_sampling_rates=None)"
+    )
+
+
+def test_entries_share_one_compute_and_give_the_batch_values_on_step():
+    parts = batches([40, 30], seed=12)
+    metric = MultiTaskRankingMetrics(TASKS, window=100, neg_sampling_rates=RATES)
+    metric.update(**parts[0])
+    # After update, the entries' step value is the batch's own value (Lightning's on_step).
+    batch = expected(parts[:1], RATES)
+    assert metric["ne/fav"]._forward_cache.item() == pytest.approx(batch["ne/fav"], rel=1e-6)
+    assert metric["window_ctr/reply"]._forward_cache.item() == pytest.approx(batch["ctr/reply"], rel=1e-6)
+    metric.update(**parts[1])
+    assert metric["ne/fav"]._forward_cache.item() == pytest.approx(expected(parts[1:], RATES)["ne/fav"], rel=1e-6)
+    # compute once for every entry.
+    calls = []
+    inner = metric.compute_values
+
+    def counting():
+        calls.append(1)
+        return inner()
+
+    metric.compute_values = counting
+    values = {key: entry.compute().item() for key, entry in metric.items()}
+    assert calls == [1]
+    assert_close(values, {**expected(parts, RATES), **expected(parts, RATES, prefix="window_")})
+    # forward's batch dict is the step value until the next update.
+    out = metric(**parts[0])
+    assert metric["rce/click"]._forward_cache is out["rce/click"]
+    metric.update(**parts[1])
+    assert metric["rce/click"]._forward_cache.item() == pytest.approx(expected(parts[1:], RATES)["rce/click"])
+    metric["ne/click"].reset()
+    assert metric.sums.abs().sum().item() == 0.0
+    assert metric["ne/click"]._forward_cache is None
