@@ -42,18 +42,31 @@ def check_probability(name: str, value: Any) -> float:
     return float(value)
 
 
-def weight_tensor(name: str, value: Optional[TensorLike]) -> Optional[torch.Tensor]:
-    """Turn a weight into a detached, one-dimensional floating tensor.
+#: Where a learned version of a weight argument lives, for the error that refuses a learnable one.
+_LEARNED_ALTERNATIVES = {
+    "task_weights": ", or learn task weights with `MultiTaskLoss(..., weighting=losses.UncertaintyWeighting(tasks))`",
+}
 
-    ``value`` is a tensor (copied, its floating dtype kept), or anything :func:`torch.as_tensor`
-    takes that holds real numbers (a list, a tuple, a NumPy array, an object with ``__array__``),
-    converted to the default dtype. The weight must be non-negative and finite. Checking that reads
-    the data once, which is fine here because it runs at construction, not in ``forward``; the
-    values of a ``meta`` tensor cannot be read and are not checked.
+
+def weight_tensor(name: str, value: Optional[TensorLike]) -> Optional[torch.Tensor]:
+    """Turn a weight into a one-dimensional floating tensor, a constant to be stored as a buffer.
+
+    ``value`` is a tensor that does not require grad (copied, its floating dtype kept), or
+    anything :func:`torch.as_tensor` takes that holds real numbers (a list, a tuple, a NumPy array,
+    an object with ``__array__``), converted to the default dtype. The weight must be non-negative
+    and finite. Checking that reads the data once, which is fine here because it runs at
+    construction, not in ``forward``; the values of a ``meta`` tensor cannot be read and are not
+    checked.
     """
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
+        if value.requires_grad:
+            # A buffer is a constant: a learnable weight would silently never learn.
+            raise ValueError(
+                f"Expected `{name}` not to require grad: it is stored as a buffer and is not learned. "
+                f"Pass a plain tensor (`{name}.detach()`){_LEARNED_ALTERNATIVES.get(name, '')}."
+            )
         tensor = value.detach().clone()
     elif isinstance(value, (str, bytes)) or not (isinstance(value, Sequence) or hasattr(value, "__array__")):
         raise TypeError(
@@ -135,6 +148,45 @@ def check_tensor(name: str, value: Any) -> torch.Tensor:
     return value
 
 
+def check_int(name: str, value: Any) -> int:
+    """Return ``value`` if it is an ``int`` (``bool`` refused), else raise a ``TypeError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Expected `{name}` to be an int, got {type(value).__name__}.")
+    return value
+
+
+def check_real_tensors(**tensors: Any) -> None:
+    """Raise a ``TypeError`` naming the first argument that is neither ``None`` nor a real tensor.
+
+    Complex tensors are refused: torch would drop their imaginary part with a mere warning.
+    """
+    for name, value in tensors.items():
+        if value is not None and check_tensor(name, value).is_complex():
+            raise TypeError(f"Expected `{name}` to hold real numbers, got dtype {value.dtype}.")
+
+
+def check_loss_arguments(reduction: Any, label_smoothing: Any, **tensors: Any) -> None:
+    """The checks of a single-task loss function: its options, then its tensors (see :func:`check_real_tensors`)."""
+    check_choice("reduction", reduction, ELEMENT_REDUCTIONS)
+    check_probability("label_smoothing", label_smoothing)
+    check_real_tensors(**tensors)
+
+
+def check_task_vector(name: str, value: Any, num_tasks: int) -> None:
+    """Raise unless ``value`` is ``None`` or a real tensor of shape ``(num_tasks,)``: one number per task."""
+    check_real_tensors(**{name: value})
+    if value is not None and value.shape != (num_tasks,):
+        raise ValueError(
+            f"Expected `{name}` to hold one value per task, shape ({num_tasks},), got {tuple(value.shape)}."
+        )
+
+
+def check_no_grad(name: str, tensor: Optional[torch.Tensor], reason: str) -> None:
+    """Raise a ``ValueError`` if ``tensor`` requires grad where its gradient would be missing (``reason`` says why)."""
+    if tensor is not None and tensor.requires_grad:
+        raise ValueError(f"Expected `{name}` not to require grad: {reason} Pass `{name}.detach()`.")
+
+
 def check_floating(name: str, tensor: torch.Tensor) -> None:
     """Raise a ``TypeError`` unless ``tensor`` holds floating point numbers."""
     if not tensor.is_floating_point():
@@ -181,9 +233,12 @@ def check_values(
     """Opt-in value check (it synchronizes with the device): finite and within ``[low, high]``.
 
     ``where`` restricts the check to the entries where it is true; ``allowed`` is one extra value
-    that passes (an ``ignore_index``). A ``meta`` tensor holds no values and is not checked.
+    that passes (an ``ignore_index``). A ``meta`` tensor holds no values and is not checked, and
+    nothing is checked while ``torch.compile`` traces: a check reads values, which a compiled
+    graph cannot branch on.
     """
-    if tensor.device.type == "meta":
+    check_real_tensors(**{name: tensor})
+    if tensor.device.type == "meta" or torch.compiler.is_compiling():
         return
     bad = torch.zeros_like(tensor, dtype=torch.bool)
     if tensor.is_floating_point():

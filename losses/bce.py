@@ -34,15 +34,21 @@ class BCEWithLogitsLoss(_Loss):
         pos_weight: weight of positive examples, one per class (last dimension of the logits);
             a tensor, a sequence or an array (NumPy included) of non-negative finite numbers.
             Default: ``None`` (all 1).
-            Stored as a buffer, so it follows ``.to()`` and is saved in ``state_dict()``.
+            Stored as a buffer, so it follows ``.to()`` and is saved in ``state_dict()``; a
+            constant, so a tensor that requires grad is a ``ValueError``.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``. Default: ``"mean"``.
         label_smoothing: :math:`\varepsilon \in [0, 1]`. Default: ``0.0``.
         check_inputs: if ``True``, ``forward`` also checks values: finite logits, labels in
             [0, 1], non-negative finite weights. This waits for the device on every call, so it
-            is off by default; turn it on to debug a NaN. Default: ``False``.
+            is off by default; turn it on to debug a NaN. It is skipped while ``torch.compile``
+            traces (a compiled graph cannot branch on values). Default: ``False``.
 
     ``meta`` logits work without moving the loss (shape inference; value checks are skipped);
-    logits on any other device than ``pos_weight`` are a ``ValueError``.
+    logits on any other device than ``pos_weight`` are a ``ValueError``. Gradients flow to the
+    logits, to floating labels and to ``weights`` (which torch's own BCE refuses to
+    differentiate). Inputs must be tensors, of real numbers: anything else is a ``TypeError``.
+    At infinite logits the loss is torch's, NaN included where the limit is finite (a ``+inf``
+    logit with label 1, a ``-inf`` logit with any label).
 
     Shape:
         - logits: :math:`(*)`, floating point; float16/bfloat16 are computed in float32.

@@ -83,8 +83,10 @@ def get_global_loss_detached(
     (and its graph) is never touched, unlike the ancestor's in-place divide. ``mean`` divides each
     rank's value before summing, so it overflows only where the mean itself would; float16 and
     bfloat16 losses are reduced in float32 and **returned in float32** (two float16 losses of
-    40000 average to 40000, where a float16 sum would be ``inf``). Without a process group the
-    world size is 1 and the value comes back as it is. A reduction other than ``mean`` warns
+    40000 average to 40000, where a float16 sum would be ``inf``); integer and bool losses, for
+    both reductions, in the default floating dtype (float32): two uint8 losses of 200 sum to 400,
+    two ``True`` to 2. A complex loss is a ``TypeError``. Without a process group the world size is
+    1 and the value comes back as it is (converted as above). A reduction other than ``mean`` warns
     that DDP averages gradients, so the logged value no longer matches them.
 
     Args:
@@ -98,7 +100,7 @@ def get_global_loss_detached(
         >>> get_global_loss_detached(loss)
         tensor(0.2500)
     """
-    v.check_tensor("local_loss", local_loss)
+    v.check_real_tensors(local_loss=local_loss)
     v.check_choice("reduction", reduction, ("mean", "sum"))
     distributed.check_group("process_group", process_group)
     if reduction != "mean":
@@ -109,7 +111,9 @@ def get_global_loss_detached(
             stacklevel=2,
         )
     loss = local_loss.detach()
-    loss = loss.to(compute_dtype(loss.dtype))
+    # Integer and bool losses too are reduced in floating point: an integer sum wraps around and a
+    # bool all_reduce is a logical or.
+    loss = loss.to(compute_dtype(loss.dtype) if loss.is_floating_point() else torch.get_default_dtype())
     if reduction == "mean":
         # Out of place: the caller's tensor is never written to.
         loss = loss / distributed.world_size(process_group)

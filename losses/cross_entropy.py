@@ -35,18 +35,23 @@ class CrossEntropyLoss(_Loss):
     Args:
         weight: a weight per class, shape :math:`(C)`, non-negative and finite: a tensor, a
             sequence or an array (NumPy included). Default: ``None``.
-            Stored as a buffer.
+            Stored as a buffer; a constant, so a tensor that requires grad is a ``ValueError``.
         ignore_index: a class-index label that contributes neither loss nor gradient. Default: ``-100``.
         reduction: ``"mean"`` | ``"sum"`` | ``"none"``. Default: ``"mean"``.
         label_smoothing: :math:`\varepsilon \in [0, 1]`. Default: ``0.0``.
-        check_inputs: if ``True``, ``forward`` also checks values: finite logits, class indices
-            in ``[0, C)`` or ``ignore_index``, probabilities in [0, 1], non-negative finite
-            weights. This waits for the device on every call, so it is off by default. Default:
-            ``False``.
+        check_inputs: if ``True``, ``forward`` also checks values: finite logits (an ignored
+            sample's too: torch sends NaN backwards from non-finite ones), class indices in
+            ``[0, C)`` or ``ignore_index``, probabilities in [0, 1], non-negative finite weights
+            (except at ignored samples, where a weight adds nothing whatever it holds). This waits
+            for the device on every call, so it is off by default; it is skipped while
+            ``torch.compile`` traces. Default: ``False``.
 
     Class-index labels of any integer dtype are converted to int64. ``meta`` logits work without
     moving the loss (shape inference; value checks are skipped); logits on any other device than
-    ``weight`` are a ``ValueError``.
+    ``weight`` are a ``ValueError``. Gradients flow to the logits, to probability labels and to
+    the per-sample ``weights``. A sample labelled ``ignore_index`` adds nothing whatever its weight
+    holds; its logits get a zero gradient when they are finite and NaN when not, as in torch (not
+    zeroed: that would cost a pass over the logits). Inputs must be tensors of real numbers.
 
     Shape:
         - logits: :math:`(C)`, :math:`(N, C)` or :math:`(N, C, d_1, \dots, d_K)`, floating point.
@@ -74,9 +79,7 @@ class CrossEntropyLoss(_Loss):
         check_inputs: bool = False,
     ) -> None:
         super().__init__(reduction, label_smoothing, check_inputs)
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"Expected `ignore_index` to be an int, got {type(ignore_index).__name__}.")
-        self.ignore_index = ignore_index
+        self.ignore_index = v.check_int("ignore_index", ignore_index)
         self._register_weight("weight", v.weight_tensor("weight", weight))
 
     def extra_repr(self) -> str:
@@ -98,11 +101,17 @@ class CrossEntropyLoss(_Loss):
         )
 
     def _check_values(self, logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor]) -> None:
+        # Every logit is checked, an ignored sample's too: non-finite logits there would send NaN
+        # backwards (as in torch). Its weight is not: it adds nothing, whatever it holds.
         v.check_values("logits", logits)
-        if labels.is_floating_point():
+        labelled = None
+        if v.check_tensor("labels", labels).is_floating_point():
             v.check_values("labels", labels, low=0, high=1)
         elif logits.ndim > 0:
             classes = logits.shape[0 if logits.ndim == 1 else 1]
             v.check_values("labels", labels, low=0, high=classes - 1, allowed=self.ignore_index)
+            labelled = labels != self.ignore_index
         if weights is not None:
-            v.check_values("weights", weights, low=0)
+            # A weights tensor of another shape gets its named shape error from the functional.
+            matches = labelled is not None and v.check_tensor("weights", weights).shape == labelled.shape
+            v.check_values("weights", weights, low=0, where=labelled if matches else None)

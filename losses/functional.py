@@ -6,7 +6,7 @@ half-precision inputs in float32.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Union, get_args
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,9 @@ def binary_cross_entropy_with_logits(
 
     with ``p`` the ``pos_weight`` (broadcast over the last dimension) and ``w`` the per-element
     ``weights``. ``mean`` divides the sum by the number of elements, as torch does; no elements
-    give 0 (torch: NaN) with a zero gradient.
+    give 0 (torch: NaN) with a zero gradient. Gradients flow to ``logits``, to floating ``labels``
+    and to ``weights`` (which torch refuses to differentiate); a ``pos_weight`` that requires grad
+    is a ``ValueError``. Complex tensors are a ``TypeError``.
 
     Shape:
         - logits: any shape ``(*)``, floating point.
@@ -75,12 +77,16 @@ def binary_cross_entropy_with_logits(
         >>> binary_cross_entropy_with_logits(logits, torch.tensor([1, 0]))
         tensor(1.4100)
     """
+    v.check_loss_arguments(
+        reduction, label_smoothing, logits=logits, labels=labels, weights=weights, pos_weight=pos_weight
+    )
     v.check_floating("logits", logits)
     v.check_same_shape("labels", labels, logits.shape, "logits")
     if weights is not None:
         v.check_broadcasts_to("weights", weights, logits.shape, "logits")
     if pos_weight is not None:
         v.check_broadcasts_to("pos_weight", pos_weight, logits.shape, "logits")
+        v.check_no_grad("pos_weight", pos_weight, "it is a constant of the loss (torch does not differentiate it).")
     dtype = compute_dtype(logits.dtype)
     logits = logits.to(dtype)
     labels = labels.to(dtype)
@@ -89,6 +95,12 @@ def binary_cross_entropy_with_logits(
         reduction = "sum"
     if label_smoothing:
         labels = labels * (1.0 - label_smoothing) + 0.5 * label_smoothing
+    if weights is not None and weights.requires_grad:
+        # torch's BCE refuses to differentiate its `weight`; the product of the element losses does.
+        elements = F.binary_cross_entropy_with_logits(
+            logits, labels, pos_weight=None if pos_weight is None else pos_weight.to(dtype), reduction="none"
+        ) * weights.to(dtype)
+        return elements.mean() if reduction == "mean" else elements.sum() if reduction == "sum" else elements
     return F.binary_cross_entropy_with_logits(
         logits,
         labels,
@@ -145,7 +157,11 @@ def cross_entropy(
     A denominator of exactly 0 (no sample, every label ``ignore_index``, or class weights that sum
     to 0 over the labelled samples) gives 0 with a zero gradient, where torch gives NaN or inf; any
     other denominator divides, a negative one included, as in torch. For probability labels
-    ``mean`` divides by the number of samples (0 for none).
+    ``mean`` divides by the number of samples (0 for none). A sample labelled ``ignore_index``
+    adds nothing whatever its weight holds (NaN included); its logits get a zero gradient when
+    finite, and NaN when not, as in torch. Gradients flow to ``logits``, probability ``labels`` and
+    ``weights``; a ``class_weight`` that requires grad is a ``ValueError``, complex tensors a
+    ``TypeError``.
 
     Shape:
         - logits: ``(C)``, ``(N, C)`` or ``(N, C, d_1, ..., d_K)``.
@@ -160,6 +176,11 @@ def cross_entropy(
         >>> cross_entropy(logits, torch.tensor([0, 2]))
         tensor(0.6691)
     """
+    v.check_loss_arguments(
+        reduction, label_smoothing, logits=logits, labels=labels, weights=weights, class_weight=class_weight
+    )
+    v.check_int("ignore_index", ignore_index)
+    v.check_no_grad("class_weight", class_weight, "it is a constant of the loss (torch does not differentiate it).")
     sample_shape = _check_cross_entropy_shapes(logits, labels)
     num_classes = logits.shape[0 if logits.ndim == 1 else 1]
     if class_weight is not None and class_weight.shape != (num_classes,):
@@ -198,13 +219,15 @@ def cross_entropy(
         reduction="none",
         label_smoothing=label_smoothing,
     )
+    valid = None if probability_labels else labels != ignore_index
     if weights is not None:
-        elements = elements * weights.to(dtype)
+        weights = weights.to(dtype)
+        # Selected, not multiplied by the 0 loss: an ignored sample's NaN weight must add nothing.
+        elements = elements * (weights if valid is None else torch.where(valid, weights, 0.0))
     if reduction != "mean":
         return elements.sum() if reduction == "sum" else elements
-    if probability_labels:
+    if valid is None:
         return elements.sum() / max(elements.numel(), 1)
-    valid = labels != ignore_index
     if class_weight is None:
         denominator = valid.sum().to(dtype)
     else:
@@ -220,7 +243,12 @@ def check_multi_task_inputs(
     num_tasks: int,
     num_class_dims: int,
 ) -> None:
-    """Check the shapes of a multi-task batch: logits ``[B, T]`` (or ``[B, T, C]``), the rest ``[B, T]``."""
+    """Check the shapes of a multi-task batch: logits ``[B, T]`` (or ``[B, T, C]``), the rest ``[B, T]``.
+
+    Every argument must be a tensor of real numbers. Labels and weights are constants: the
+    gradient of a multi-task loss covers the logits only, so one that requires grad is an error.
+    """
+    v.check_real_tensors(logits=logits, labels=labels, weights=weights, mask=mask)
     v.check_floating("logits", logits)
     expected_ndim = 2 + num_class_dims
     layout = "[B, T]" if num_class_dims == 0 else "[B, T, C]"
@@ -242,14 +270,12 @@ def check_multi_task_inputs(
             )
     else:
         v.check_same_shape("labels", labels, block, "logits")
-        # The fused BCE gradient covers the logits only; a label or weight gradient would be missing.
-        for name, tensor in (("labels", labels), ("weights", weights)):
-            if tensor is not None and tensor.requires_grad:
-                raise ValueError(
-                    f"Expected `{name}` not to require grad: MultiTaskLoss (BCE) differentiates with respect "
-                    f"to `logits` only. Pass `{name}.detach()`."
-                )
-    if weights is not None and weights.shape not in (block, block[:1]):
+    # The fused BCE gradient covers the logits only; one rule for every kind: no silently missing gradient.
+    for name, tensor in (("labels", labels), ("weights", weights)):
+        v.check_no_grad(name, tensor, "MultiTaskLoss differentiates with respect to `logits` only.")
+    # Two comparisons, not `in`: torch.compile, once it made the sizes dynamic, found equal shapes
+    # unequal through `in` (a second MultiTaskLoss compiled after one with other logits).
+    if weights is not None and weights.shape != block and weights.shape != block[:1]:
         raise ValueError(
             f"Expected `weights` of shape [B, T] {tuple(block)} or [B] {tuple(block[:1])}, got {tuple(weights.shape)}."
         )
@@ -257,6 +283,25 @@ def check_multi_task_inputs(
         if mask.dtype != torch.bool:
             raise TypeError(f"Expected `mask` to be a bool tensor, got dtype {mask.dtype}.")
         v.check_same_shape("mask", mask, block, "logits" if not num_class_dims else "labels")
+
+
+def _check_multi_task_call(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    num_class_dims: int,
+    scale: Union[float, torch.Tensor, None] = None,
+    **task_vectors: Optional[torch.Tensor],
+) -> None:
+    """The argument checks of a public multi-task function: the batch, then its ``(T)`` vectors."""
+    v.check_tensor("logits", logits)
+    num_tasks = logits.shape[1] if logits.ndim >= 2 else 0
+    check_multi_task_inputs(logits, labels, weights, mask, num_tasks, num_class_dims)
+    if isinstance(scale, torch.Tensor):
+        task_vectors["scale"] = scale
+    for name, vector in task_vectors.items():
+        v.check_task_vector(name, vector, num_tasks)
 
 
 def multi_task_bce(
@@ -303,6 +348,7 @@ def multi_task_bce(
         >>> multi_task_bce(logits, labels, torch.ones(2), mask=mask, factor=0.5)
         (tensor([1.3863, 1.3133]), tensor(1.3498))
     """
+    _check_multi_task_call(logits, labels, weights, mask, 0, scale, pos_weight=pos_weight, task_weight=task_weight)
     dtype = compute_dtype(logits.dtype)
     if task_weight is None:
         task_weight = torch.ones_like(pos_weight, dtype=dtype)
@@ -361,6 +407,7 @@ def multi_task_cross_entropy(
                 [0.0000]]), tensor([[ True],
                 [False]]))
     """
+    _check_multi_task_call(logits, labels, weights, mask, 1)
     dtype = compute_dtype(logits.dtype)
     batch, tasks, classes = logits.shape
     labels = _as_dtype(labels, torch.long)
@@ -369,7 +416,7 @@ def multi_task_cross_entropy(
         labelled = labelled & mask
     safe_logits = torch.where(labelled.unsqueeze(-1), _as_dtype(logits, dtype), 0.0)
     safe_labels = torch.where(labelled, labels, 0)
-    elements = F.cross_entropy(safe_logits.view(batch * tasks, classes), safe_labels.view(-1), reduction="none")
+    elements = F.cross_entropy(safe_logits.reshape(-1, classes), safe_labels.reshape(-1), reduction="none")
     elements = elements.view(batch, tasks)
     if weights is None:
         elements = torch.where(labelled, elements, 0.0)
@@ -400,6 +447,7 @@ def multi_task_bce_elements(
         >>> multi_task_bce_elements(logits, torch.tensor([[1, 0]]), torch.ones(2), mask=torch.tensor([[True, False]]))
         tensor([[0.6931, 0.0000]])
     """
+    _check_multi_task_call(logits, labels, weights, mask, 0, pos_weight=pos_weight)
     dtype = compute_dtype(logits.dtype)
     x, y = _as_dtype(logits, dtype), _as_dtype(labels, dtype)
     w = None if weights is None else _as_block(weights, dtype)
@@ -424,6 +472,14 @@ def task_counts(
 GlobalReduction = Literal["mean", "sum", "min", "max", "median"]
 
 
+def _check_reduce_tasks(task_losses: torch.Tensor, task_weight: torch.Tensor, reduction: str) -> None:
+    v.check_choice("reduction", reduction, get_args(GlobalReduction))
+    v.check_real_tensors(task_losses=task_losses)
+    if task_losses.ndim not in (1, 2):
+        raise ValueError(f"Expected `task_losses` of shape (T) or (T, B), got {tuple(task_losses.shape)}.")
+    v.check_task_vector("task_weight", task_weight, task_losses.shape[0])
+
+
 def reduce_tasks(task_losses: torch.Tensor, task_weight: torch.Tensor, reduction: GlobalReduction) -> torch.Tensor:
     """Scale the per-task losses by ``task_weight`` and reduce them to one value.
 
@@ -435,6 +491,7 @@ def reduce_tasks(task_losses: torch.Tensor, task_weight: torch.Tensor, reduction
         >>> reduce_tasks(torch.tensor([1.0, 2.0, 6.0]), torch.tensor([1.0, 1.0, 0.5]), "max")
         tensor(3.)
     """
+    _check_reduce_tasks(task_losses, task_weight, reduction)
     if task_losses.ndim == 2:
         task_weight = task_weight.unsqueeze(1)
     weighted = task_losses * task_weight.to(task_losses.dtype)

@@ -255,3 +255,40 @@ class TestArrayLikeWeights:
             BCEWithLogitsLoss(pos_weight=[[1], [2, 3]])
         with pytest.raises(TypeError, match="`pos_weight` to be a tensor, a sequence or an array of numbers, got dict"):
             BCEWithLogitsLoss(pos_weight={"a": 1.0})
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weights_shape", [(6, 4), (6, 1), (4,)])
+def test_weights_that_require_grad_get_their_gradient(reduction, weights_shape):
+    # torch's BCE refuses to differentiate `weight` ("not differentiable with respect to argument 'weight'").
+    logits, labels, _, pos_weight = _inputs((6, 4), torch.float64)
+    logits.requires_grad_()
+    weights = torch.rand(weights_shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    weights.requires_grad_()
+    loss = BCEWithLogitsLoss(pos_weight=pos_weight, reduction=reduction).double()
+    ours = loss(logits, labels, weights)
+    elements = F.binary_cross_entropy_with_logits(logits, labels, pos_weight=pos_weight, reduction="none") * weights
+    ref = {"mean": elements.mean(), "sum": elements.sum(), "none": elements}[reduction]
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        ours,
+        F.binary_cross_entropy_with_logits(
+            logits, labels, weights.detach(), pos_weight=pos_weight, reduction=reduction
+        ),
+    )
+    grad = torch.rand_like(ours)
+    ours_grads = torch.autograd.grad(ours, (logits, weights), grad)
+    ref_grads = torch.autograd.grad(ref, (logits, weights), grad)
+    for got, expected in zip(ours_grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_learnable_pos_weight_is_refused_at_construction():
+    # A buffer never learns: an nn.Parameter was silently detached and kept no gradient.
+    with pytest.raises(
+        ValueError, match=r"`pos_weight` not to require grad: it is stored as a buffer and is not learned"
+    ):
+        BCEWithLogitsLoss(pos_weight=torch.nn.Parameter(torch.ones(3)))
+    frozen = BCEWithLogitsLoss(pos_weight=torch.nn.Parameter(torch.full((3,), 2.0), requires_grad=False))
+    assert not frozen.pos_weight.requires_grad
+    assert frozen.pos_weight.tolist() == [2.0, 2.0, 2.0]

@@ -114,3 +114,24 @@ def test_pos_weights_as_a_numpy_array_as_the_ancestor_accepted():
     out = loss(logits, labels, weights)
     for key in ref:
         torch.testing.assert_close(out[key], ref[key])
+
+
+class TestGlobalLossDetachedDtypes:
+    """One rule for integer and bool losses, both reductions: reduced and returned in float32."""
+
+    @pytest.mark.parametrize("reduction", ["mean", "sum"])
+    @pytest.mark.parametrize(
+        ("loss", "value"),
+        [(torch.tensor(200, dtype=torch.uint8), 200.0), (torch.tensor(True), 1.0), (torch.tensor(-3), -3.0)],
+    )
+    def test_integer_and_bool_losses(self, loss, value, reduction):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            out = get_global_loss_detached(loss, reduction=reduction)
+        assert out.dtype == torch.float32
+        assert out.item() == value
+
+    def test_float64_is_kept_and_complex_refused(self):
+        assert get_global_loss_detached(torch.tensor(0.5, dtype=torch.float64)).dtype == torch.float64
+        with pytest.raises(TypeError, match="`local_loss` to hold real numbers, got dtype torch.complex64"):
+            get_global_loss_detached(torch.tensor(0.5 + 1j))

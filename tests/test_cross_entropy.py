@@ -1,4 +1,5 @@
 import copy
+import math
 import pickle
 
 import pytest
@@ -262,3 +263,48 @@ def test_every_integer_label_dtype(dtype, reduction):
     ref = F.cross_entropy(logits, labels, weight=weight, reduction=reduction)
     torch.testing.assert_close(loss(logits, labels.to(dtype)), ref)
     torch.testing.assert_close(loss(logits, labels.to(dtype), torch.ones(9, dtype=torch.float64)), ref)
+
+
+class TestIgnoredSamples:
+    def test_an_ignored_sample_adds_nothing_whatever_its_weight_holds(self):
+        # 0 * NaN was NaN: an ignored sample with a NaN weight made the loss NaN.
+        logits = torch.zeros(2, 3, requires_grad=True)
+        for reduction, expected in (("mean", math.log(3)), ("sum", math.log(3))):
+            out = CrossEntropyLoss(reduction=reduction)(logits, torch.tensor([0, -100]), torch.tensor([1.0, math.nan]))
+            assert out.item() == pytest.approx(expected, rel=1e-6)
+            (grad,) = torch.autograd.grad(out, logits)
+            assert grad[1].tolist() == [0.0, 0.0, 0.0]
+        out = CrossEntropyLoss(reduction="none")(logits, torch.tensor([0, -100]), torch.tensor([1.0, math.inf]))
+        assert out.tolist() == pytest.approx([math.log(3), 0.0])
+
+    def test_weight_gradient_is_zero_at_ignored_samples(self):
+        logits = _logits((4, 3), torch.float64)
+        labels = torch.tensor([0, -100, 2, 1])
+        weights = torch.tensor([1.0, 5.0, 0.5, 2.0], dtype=torch.float64, requires_grad=True)
+        out = CrossEntropyLoss()(logits, labels, weights)
+        (grad,) = torch.autograd.grad(out, weights)
+        elements = F.cross_entropy(logits, labels, reduction="none")
+        torch.testing.assert_close(grad, elements / 3)
+        assert grad[1].item() == 0.0
+
+    def test_non_finite_logits_of_an_ignored_sample_give_torchs_nan_gradient(self):
+        # Documented: the loss is right, the ignored row's gradient is NaN as in torch (zeroing it
+        # would cost a pass over the logits); check_inputs=True names such logits.
+        logits = torch.zeros(2, 3)
+        logits[1] = math.nan
+        ours_in, ref_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        labels = torch.tensor([0, -100])
+        ours = CrossEntropyLoss()(ours_in, labels)
+        ref = F.cross_entropy(ref_in, labels)
+        assert ours.item() == pytest.approx(math.log(3))
+        ours.backward()
+        ref.backward()
+        torch.testing.assert_close(ours_in.grad, ref_in.grad, equal_nan=True)
+        assert ours_in.grad[1].isnan().all()
+        with pytest.raises(ValueError, match=r"`logits` to be finite, got 3 entries .* \(1, 0\): nan"):
+            CrossEntropyLoss(check_inputs=True)(logits, labels)
+
+
+def test_a_learnable_class_weight_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"`weight` not to require grad: it is stored as a buffer"):
+        CrossEntropyLoss(weight=torch.nn.Parameter(torch.ones(3)))

@@ -110,3 +110,81 @@ class TestMultiTaskBCEAtExtremeLogits:
                 (ref_grad,) = torch.autograd.grad(ref.sum(), ref_in)
                 torch.testing.assert_close(grad, ref_grad, equal_nan=True, msg=f"gradient at x={x}, y={y}")
         torch._dynamo.reset()
+
+
+class TestArgumentChecks:
+    """The public functions check their arguments as the modules do: named errors, never a deep one."""
+
+    def test_unknown_global_reduction(self):
+        # An unknown reduction fell through to the median (2.0) without a word.
+        with pytest.raises(ValueError, match=r"`reduction` to be one of \('mean', 'sum', 'min', 'max', 'median'\)"):
+            functional.reduce_tasks(torch.tensor([1.0, 2.0, 6.0]), torch.ones(3), "avg")  # type: ignore[arg-type]
+
+    def test_reduce_tasks_shapes(self):
+        with pytest.raises(ValueError, match=r"`task_weight` to hold one value per task, shape \(3,\), got \(2,\)"):
+            functional.reduce_tasks(torch.ones(3), torch.ones(2), "mean")
+        with pytest.raises(ValueError, match=r"`task_losses` of shape \(T\) or \(T, B\), got \(\)"):
+            functional.reduce_tasks(torch.tensor(1.0), torch.ones(1), "mean")
+
+    @pytest.mark.parametrize(
+        ("kwargs", "error", "message"),
+        [
+            (
+                {"labels": torch.ones(4, 1)},
+                ValueError,
+                r"`labels` to have the shape of `logits` \(4, 3\), got \(4, 1\)",
+            ),
+            ({"mask": torch.ones(4, 1, dtype=torch.bool)}, ValueError, r"`mask` to have the shape of `logits`"),
+            ({"mask": torch.ones(4, 3)}, TypeError, r"`mask` to be a bool tensor, got dtype torch.float32"),
+            ({"pos_weight": torch.ones(2)}, ValueError, r"`pos_weight` to hold one value per task, shape \(3,\)"),
+            ({"logits": torch.zeros(4, 3, dtype=torch.long)}, TypeError, r"`logits` to be a floating point tensor"),
+            ({"labels": [[1.0] * 3] * 4}, TypeError, r"`labels` to be a torch.Tensor, got list"),
+        ],
+    )
+    @pytest.mark.parametrize("function", ["multi_task_bce", "multi_task_bce_elements"])
+    def test_multi_task_bce(self, function, kwargs, error, message):
+        arguments = {"logits": torch.zeros(4, 3), "labels": torch.ones(4, 3), "pos_weight": torch.ones(3)} | kwargs
+        with pytest.raises(error, match=message):
+            getattr(functional, function)(**arguments)
+
+    def test_multi_task_bce_per_task_vectors(self):
+        logits, labels, pos_weight = torch.zeros(4, 3), torch.ones(4, 3), torch.ones(3)
+        with pytest.raises(ValueError, match=r"`task_weight` to hold one value per task, shape \(3,\), got \(4,\)"):
+            functional.multi_task_bce(logits, labels, pos_weight, task_weight=torch.ones(4), factor=1.0)
+        with pytest.raises(ValueError, match=r"`scale` to hold one value per task, shape \(3,\), got \(1,\)"):
+            functional.multi_task_bce(logits, labels, pos_weight, scale=torch.ones(1))
+
+    def test_multi_task_cross_entropy(self):
+        logits = torch.randn(4, 2, 3)
+        # Transposed labels [T, B] hold as many entries: they paired with the wrong rows, or broke deep in torch.
+        with pytest.raises(ValueError, match=r"`labels` of shape \[B, T\] \(4, 2\) .* got \(2, 4\)"):
+            functional.multi_task_cross_entropy(logits, torch.randint(0, 3, (2, 4)))
+        # Float labels were truncated to class indices without a word.
+        with pytest.raises(
+            TypeError, match="cross-entropy `labels` to be integer class indices, got dtype torch.float32"
+        ):
+            functional.multi_task_cross_entropy(logits, torch.rand(4, 2))
+
+    def test_single_task_options(self):
+        logits, labels = torch.zeros(2), torch.ones(2)
+        with pytest.raises(ValueError, match=r"`label_smoothing` to be in \[0, 1\], got 1.5"):
+            functional.binary_cross_entropy_with_logits(logits, labels, label_smoothing=1.5)
+        with pytest.raises(ValueError, match=r"`reduction` to be one of \('mean', 'sum', 'none'\), got 'avg'"):
+            functional.binary_cross_entropy_with_logits(logits, labels, reduction="avg")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"`reduction` to be one of .* got 'avg'"):
+            functional.cross_entropy(torch.zeros(2, 3), torch.tensor([0, 1]), reduction="avg")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"`label_smoothing` to be in \[0, 1\], got 2"):
+            functional.cross_entropy(torch.zeros(2, 3), torch.tensor([0, 1]), label_smoothing=2.0)
+        with pytest.raises(TypeError, match="`ignore_index` to be an int, got float"):
+            functional.cross_entropy(torch.zeros(2, 3), torch.tensor([0, 1]), ignore_index=1.5)  # type: ignore[arg-type]
+
+    def test_constant_weights_that_require_grad(self):
+        # torch differentiates neither; its own error names a kernel, not the argument.
+        with pytest.raises(ValueError, match=r"`pos_weight` not to require grad: .* Pass `pos_weight.detach\(\)`"):
+            functional.binary_cross_entropy_with_logits(
+                torch.zeros(2), torch.ones(2), pos_weight=torch.ones(2, requires_grad=True)
+            )
+        with pytest.raises(ValueError, match=r"`class_weight` not to require grad"):
+            functional.cross_entropy(
+                torch.zeros(2, 3), torch.tensor([0, 1]), class_weight=torch.ones(3, requires_grad=True)
+            )

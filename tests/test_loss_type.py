@@ -23,3 +23,12 @@ def test_parse_accepts_members_and_strings_only():
         parse_loss_type("BCE")
     with pytest.raises(TypeError, match="`loss_type` to be a LossType or str, got int"):
         parse_loss_type(1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("member", list(LossType))
+def test_str_and_format_give_the_value_which_reads_back(member):
+    # A str Enum formats as "LossType.BCE_WITH_LOGITS" on Python 3.11, which LossType() rejects.
+    assert f"{member}" == str(member) == format(member) == member.value
+    assert f"{member:>20}" == f"{member.value:>20}"
+    assert LossType(f"{member}") is member
+    assert repr(member) == f"<LossType.{member.name}: '{member.value}'>"

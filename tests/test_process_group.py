@@ -90,6 +90,9 @@ def _on_three_ranks(rank, world_size):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         result["world_sum"] = get_global_loss_detached(torch.tensor(float(rank + 1)), reduction="sum").item()
+        # Integer and bool losses are reduced in float32: a uint8 sum wrapped around, a bool one was a logical or.
+        result["world_uint8_sum"] = get_global_loss_detached(torch.tensor(200, dtype=torch.uint8), reduction="sum")
+        result["world_bool_sum"] = get_global_loss_detached(torch.tensor(True), reduction="sum")
     return result
 
 
@@ -138,6 +141,13 @@ def test_mean_divides_before_summing(results):
     for result in results:
         assert result["world_mean"] == pytest.approx(3e38, rel=1e-6)
         assert result["world_sum"] == 6.0
+
+
+def test_integer_and_bool_losses_are_summed_in_float32(results):
+    for result in results:
+        assert result["world_uint8_sum"].dtype == result["world_bool_sum"].dtype == torch.float32
+        assert result["world_uint8_sum"].item() == 600.0
+        assert result["world_bool_sum"].item() == 3.0
 
 
 def test_the_group_is_shared_by_deepcopy_and_left_out_of_state_dict_and_pickle(results):
