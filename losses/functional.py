@@ -298,7 +298,7 @@ def _check_multi_task_call(
     v.check_tensor("logits", logits)
     num_tasks = logits.shape[1] if logits.ndim >= 2 else 0
     check_multi_task_inputs(logits, labels, weights, mask, num_tasks, num_class_dims)
-    if isinstance(scale, torch.Tensor):
+    if isinstance(scale, torch.Tensor) and scale.ndim:  # a 0-dim scale (as torch.jit.trace makes) is one number
         task_vectors["scale"] = scale
     for name, vector in task_vectors.items():
         v.check_task_vector(name, vector, num_tasks)
@@ -331,7 +331,7 @@ def multi_task_bce(
     operations instead, which the transforms can follow.
 
     Args:
-        scale: :math:`s`, a float or a ``(T)`` tensor (one over the labelled count for a mean);
+        scale: :math:`s`, a float, a 0-dim or a ``(T)`` tensor (one over the labelled count for a mean);
             ``None`` for 1, the plain sums.
         task_weight: :math:`\tau`, ``(T)``; ``None`` for ones.
         factor: :math:`f`, e.g. ``1 / T`` for the mean over tasks; ``None`` skips :math:`L`

@@ -194,3 +194,14 @@ class TestCompile:
         # Eager calls still check.
         with pytest.raises(ValueError, match="`labels` to be finite in"):
             BCEWithLogitsLoss(check_inputs=True)(logits, labels + 2)
+
+
+def test_torch_jit_trace_of_a_multi_task_loss_serves_other_batch_sizes():
+    # TorchScript's `script` cannot parse the modules (documented); `trace` works, and tracing turns
+    # the batch size into a 0-dim tensor that the argument checks must take as one number.
+    gen = torch.Generator().manual_seed(0)
+    loss = MultiTaskLoss(["a", "b", "c"])
+    example = (torch.randn(4, 3, generator=gen), (torch.rand(4, 3, generator=gen) < 0.5).float())
+    traced = torch.jit.trace(loss, example, strict=False)
+    logits, labels = torch.randn(6, 3, generator=gen), (torch.rand(6, 3, generator=gen) < 0.5).float()
+    torch.testing.assert_close(traced(logits, labels)["loss"], loss(logits, labels)["loss"])
