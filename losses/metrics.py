@@ -62,6 +62,7 @@ def _record(
     Returns ``values`` in float64 on the states' device and the weight that was counted; ``name``
     is the argument ``values`` came from, for errors.
     """
+    v.check_real_tensors(**{name: values})  # a complex loss would lose its imaginary part
     values = values_on(name, values, sums.device)
     if not isinstance(weight, torch.Tensor):
         w = _python_weight(weight)

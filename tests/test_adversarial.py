@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import BCEWithLogitsLoss, CrossEntropyLoss, MultiTaskLoss
+from losses import BCEWithLogitsLoss, CrossEntropyLoss, GlobalLoss, MultiTaskGlobalLoss, MultiTaskLoss
 
 LOG2 = math.log(2.0)
 
@@ -205,3 +205,11 @@ def test_torch_jit_trace_of_a_multi_task_loss_serves_other_batch_sizes():
     traced = torch.jit.trace(loss, example, strict=False)
     logits, labels = torch.randn(6, 3, generator=gen), (torch.rand(6, 3, generator=gen) < 0.5).float()
     torch.testing.assert_close(traced(logits, labels)["loss"], loss(logits, labels)["loss"])
+
+
+def test_metrics_refuse_complex_losses():
+    # GlobalLoss and MultiTaskGlobalLoss recorded 0.5 for 0.5 + 1j.
+    with pytest.raises(TypeError, match=r"`loss` to hold real numbers, got dtype torch.complex64"):
+        GlobalLoss().update(torch.tensor(0.5 + 1j))
+    with pytest.raises(TypeError, match=r"`losses` to hold real numbers, got dtype torch.complex64"):
+        MultiTaskGlobalLoss(["a"]).update({"loss/a": torch.tensor(0.5 + 1j), "loss": torch.tensor(0.5)})
