@@ -7,6 +7,7 @@ when a loss was built with ``check_inputs=True``.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any, Optional, Protocol, Union, overload
 
@@ -34,8 +35,8 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
 
 
 def check_probability(name: str, value: Any) -> float:
-    """Return ``value`` as a float if it lies in [0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """Return ``value`` as a float if it is a real number (NumPy's included, ``bool`` refused) in [0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"Expected `{name}` to be a float in [0, 1], got {type(value).__name__}.")
     if not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"Expected `{name}` to be in [0, 1], got {value!r}.")
@@ -149,10 +150,10 @@ def check_tensor(name: str, value: Any) -> torch.Tensor:
 
 
 def check_int(name: str, value: Any) -> int:
-    """Return ``value`` if it is an ``int`` (``bool`` refused), else raise a ``TypeError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """Return ``value`` as an ``int`` if it is an integer (NumPy's included, ``bool`` refused), else raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"Expected `{name}` to be an int, got {type(value).__name__}.")
-    return value
+    return int(value)
 
 
 def check_real_tensors(**tensors: Any) -> None:
@@ -173,8 +174,12 @@ def check_loss_arguments(reduction: Any, label_smoothing: Any, **tensors: Any) -
 
 
 def check_task_vector(name: str, value: Any, num_tasks: int) -> None:
-    """Raise unless ``value`` is ``None`` or a real tensor of shape ``(num_tasks,)``: one number per task."""
+    """Raise unless ``value`` is ``None`` or a constant real tensor of shape ``(num_tasks,)``: one number per task.
+
+    A per-task vector that requires grad is refused: the multi-task math differentiates the logits only.
+    """
     check_real_tensors(**{name: value})
+    check_no_grad(name, value, "the multi-task losses differentiate with respect to `logits` only.")
     if value is not None and value.shape != (num_tasks,):
         raise ValueError(
             f"Expected `{name}` to hold one value per task, shape ({num_tasks},), got {tuple(value.shape)}."

@@ -179,7 +179,7 @@ def cross_entropy(
     v.check_loss_arguments(
         reduction, label_smoothing, logits=logits, labels=labels, weights=weights, class_weight=class_weight
     )
-    v.check_int("ignore_index", ignore_index)
+    ignore_index = v.check_int("ignore_index", ignore_index)
     v.check_no_grad("class_weight", class_weight, "it is a constant of the loss (torch does not differentiate it).")
     sample_shape = _check_cross_entropy_shapes(logits, labels)
     num_classes = logits.shape[0 if logits.ndim == 1 else 1]
@@ -474,7 +474,7 @@ GlobalReduction = Literal["mean", "sum", "min", "max", "median"]
 
 def _check_reduce_tasks(task_losses: torch.Tensor, task_weight: torch.Tensor, reduction: str) -> None:
     v.check_choice("reduction", reduction, get_args(GlobalReduction))
-    v.check_real_tensors(task_losses=task_losses)
+    v.check_floating("task_losses", v.check_tensor("task_losses", task_losses))
     if task_losses.ndim not in (1, 2):
         raise ValueError(f"Expected `task_losses` of shape (T) or (T, B), got {tuple(task_losses.shape)}.")
     v.check_task_vector("task_weight", task_weight, task_losses.shape[0])

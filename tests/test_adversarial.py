@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from losses import BCEWithLogitsLoss, CrossEntropyLoss, GlobalLoss, MultiTaskGlobalLoss, MultiTaskLoss
+from losses import functional as LF
 
 LOG2 = math.log(2.0)
 
@@ -213,3 +214,30 @@ def test_metrics_refuse_complex_losses():
         GlobalLoss().update(torch.tensor(0.5 + 1j))
     with pytest.raises(TypeError, match=r"`losses` to hold real numbers, got dtype torch.complex64"):
         MultiTaskGlobalLoss(["a"]).update({"loss/a": torch.tensor(0.5 + 1j), "loss": torch.tensor(0.5)})
+
+
+class TestOwnPass:
+    """Cases found while fixing the above."""
+
+    def test_numpy_scalars_as_options(self):
+        # A config read through NumPy gives np.int64 / np.float32, which were a TypeError.
+        loss = CrossEntropyLoss(ignore_index=np.int64(-1), label_smoothing=np.float32(0.25))
+        assert type(loss.ignore_index) is int
+        assert loss.ignore_index == -1
+        assert loss.label_smoothing == 0.25
+        logits, labels = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, -1, 3])
+        torch.testing.assert_close(
+            loss.double()(logits, labels), F.cross_entropy(logits, labels, ignore_index=-1, label_smoothing=0.25)
+        )
+
+    def test_integer_task_losses(self):
+        with pytest.raises(TypeError, match="`task_losses` to be a floating point tensor, got dtype torch.int64"):
+            LF.reduce_tasks(torch.tensor([1, 2, 3]), torch.ones(3), "mean")
+
+    @pytest.mark.parametrize("name", ["pos_weight", "task_weight", "scale"])
+    def test_per_task_vectors_that_require_grad(self, name):
+        # The fused node returns no gradient for them: a silently missing gradient (e.g. through
+        # torch.func.functional_call with a learnable replacement for the pos_weight buffer).
+        arguments = {"pos_weight": torch.ones(3), "factor": 1.0, name: torch.ones(3, requires_grad=True)}
+        with pytest.raises(ValueError, match=rf"`{name}` not to require grad: .*`logits` only"):
+            LF.multi_task_bce(torch.zeros(2, 3), torch.ones(2, 3), **arguments)
