@@ -7,6 +7,7 @@ from losses.loss_type import LossType
 from losses.metrics import GlobalLoss, MultiTaskGlobalLoss, sync_for_checkpoint
 from losses.multi_task import MultiTaskLoss
 from losses.ranking_metrics import MultiTaskRankingMetrics
+from losses.task import Task
 from losses.weighting import (
     DynamicWeightAverage,
     GeometricLossStrategy,
@@ -28,6 +29,7 @@ __all__ = [
     "MultiTaskLoss",
     "MultiTaskRankingMetrics",
     "RandomLossWeighting",
+    "Task",
     "TaskWeighting",
     "UncertaintyWeighting",
     "__version__",

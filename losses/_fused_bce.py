@@ -107,12 +107,76 @@ def _element_gradients(
     return grad
 
 
+def _focal_element_losses(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    pos_factor: torch.Tensor,
+    focal: tuple[torch.Tensor, torch.Tensor],
+    weights: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+) -> torch.Tensor:
+    # l = -a1 y q^g log s - a0 (1 - y) s^g log q, with s = sigmoid(x), q = sigmoid(-x) = 1 - s and
+    # a1 = pos_weight * alpha. log q is a log-sigmoid of its own, not log(1 - s), which would lose
+    # every digit where s rounds to 1; the modulations are exp(g log q) and exp(g log s), cheaper
+    # than a power and exactly 1 for g = 0 at every finite logit.
+    gamma, neg_factor = focal
+    log_s, log_q = _log_sigmoid(x), _log_sigmoid(-x)
+    positive = torch.mul(gamma, log_q).exp_().mul_(log_s).mul_(y).mul_(pos_factor)
+    negative = torch.mul(gamma, log_s).exp_().mul_(log_q).mul_(1.0 - y).mul_(neg_factor)
+    losses = positive.add_(negative).neg_()
+    if weights is not None:
+        losses.mul_(weights)
+    if mask is not None:
+        losses.masked_fill_(mask.logical_not(), 0.0)
+    return losses
+
+
+def _focal_element_gradients(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    pos_factor: torch.Tensor,
+    focal: tuple[torch.Tensor, torch.Tensor],
+    weights: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    task_scale: torch.Tensor,
+) -> torch.Tensor:
+    # dl/dx = a0 (1 - y) s^g (s - g q log q) - a1 y q^g (q - g s log s): with g = 0 it is
+    # a0 (1 - y) s - a1 y q, the plain BCE gradient. In place on fresh buffers, except under
+    # create_graph (double backward), where the same steps run out of place for autograd to follow.
+    gamma, neg_factor = focal
+    log_s, log_q = _log_sigmoid(x), _log_sigmoid(-x)
+    s, q = torch.sigmoid(x), torch.sigmoid(-x)
+    if torch.is_grad_enabled():
+        negative = torch.exp(gamma * log_s) * (s - gamma * q * log_q) * ((1.0 - y) * neg_factor)
+        positive = torch.exp(gamma * log_q) * (q - gamma * s * log_s) * (y * pos_factor)
+        grad = (negative - positive) * task_scale
+        if weights is not None:
+            grad = grad * weights
+        return grad if mask is None else torch.where(mask, grad, 0.0)
+    # s - g q log q and q - g s log s, then each times its modulation and factors.
+    negative = torch.mul(q, log_q).mul_(gamma).neg_().add_(s)
+    positive = torch.mul(s, log_s).mul_(gamma).neg_().add_(q)
+    negative.mul_(log_s.mul_(gamma).exp_()).mul_(1.0 - y).mul_(neg_factor)
+    positive.mul_(log_q.mul_(gamma).exp_()).mul_(y).mul_(pos_factor)
+    grad = negative.sub_(positive).mul_(task_scale)
+    if weights is not None:
+        grad.mul_(weights)
+    if mask is not None:
+        grad.masked_fill_(mask.logical_not(), 0.0)
+    return grad
+
+
 class MultiTaskBCE(torch.autograd.Function):
     """Per-task losses ``L_t = scale_t * S_t`` and ``total = factor * sum_t task_weight_t * L_t``.
 
     ``S_t`` is the masked, weighted sum of task ``t``'s element losses. ``scale`` is a float, a
     ``[T]`` tensor or ``None`` (1); ``factor`` ``None`` skips ``total`` (returned as 0).
     Inputs are already in the compute dtype; ``weights`` is ``[B, T]`` or ``[B, 1]``.
+
+    ``focal`` chooses the kernel, once, where the loss is built: ``None`` for plain BCE (the fast
+    one; ``pos_weight`` is then the positive weight), or ``(gamma, neg_factor)``, two ``[T]``
+    tensors, for the focal kernel, where ``pos_weight`` holds the positives' factor
+    ``pos_weight * alpha`` and ``neg_factor`` the negatives' ``1 - alpha`` (1 without an alpha).
     """
 
     # forward takes ctx itself (no setup_context): with setup_context, Function.apply binds the
@@ -130,9 +194,14 @@ class MultiTaskBCE(torch.autograd.Function):
         scale: Scale,
         task_weight: torch.Tensor,
         factor: Optional[float],
+        focal: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Every tensor below is fresh, so in-place updates are safe and save allocations.
-        task_losses = column_sums(_element_losses(x, y, pos_weight, weights, mask))
+        if focal is None:
+            elements = _element_losses(x, y, pos_weight, weights, mask)
+        else:
+            elements = _focal_element_losses(x, y, pos_weight, focal, weights, mask)
+        task_losses = column_sums(elements)
         if scale is not None:
             task_losses.mul_(scale)
         if factor is None:
@@ -143,6 +212,9 @@ class MultiTaskBCE(torch.autograd.Function):
                 total.mul_(factor)
         scale_tensor = scale if isinstance(scale, torch.Tensor) else None
         ctx.save_for_backward(x, y, weights, mask, pos_weight, scale_tensor, task_weight)
+        # Constants of the loss (buffers), kept on ctx: saving them too would cost the plain kernel
+        # a little on every backward.
+        ctx.focal = focal
         ctx.scale = None if scale_tensor is not None else scale
         ctx.factor = factor
         # Usually only `total` is backpropagated: no zero gradient is built for the task losses.
@@ -173,9 +245,14 @@ class MultiTaskBCE(torch.autograd.Function):
         elif grad_tasks is not None:
             upstream = grad_tasks
         if upstream is None or not ctx.needs_input_grad[0]:
-            return (None,) * 8
+            return (None,) * 9
         if scale is not None:
             upstream = upstream * scale
         if scale_tensor is not None:
             upstream = upstream * scale_tensor
-        return _element_gradients(x, y, pos_weight, weights, mask, upstream), None, None, None, None, None, None, None
+        focal: Optional[tuple[torch.Tensor, torch.Tensor]] = ctx.focal
+        if focal is None:
+            grad = _element_gradients(x, y, pos_weight, weights, mask, upstream)
+        else:
+            grad = _focal_element_gradients(x, y, pos_weight, focal, weights, mask, upstream)
+        return grad, None, None, None, None, None, None, None, None

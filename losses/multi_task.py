@@ -11,12 +11,15 @@ from torch import nn
 
 from losses import _validation as v
 from losses import distributed, functional
+from losses._task_groups import GROUPS, Inputs, RowSplit, TaskGroup
 from losses.functional import GlobalReduction
 from losses.loss_type import LossType, parse_loss_type
+from losses.task import Task
 from losses.weighting._base import TaskWeighting, check_weighting
 
 TaskReduction = Literal["mean", "sum", "none"]
 Normalize = Literal["local", "global"]
+Scale = Union[float, torch.Tensor, None]
 
 TASK_REDUCTIONS = ("mean", "sum", "none")
 GLOBAL_REDUCTIONS = ("mean", "sum", "min", "max", "median")
@@ -34,12 +37,61 @@ def warn_unless_mean(name: str, reduction: str) -> None:
         )
 
 
-def _per_task(name: str, value: Optional[v.TensorLike], num_tasks: int) -> torch.Tensor:
+def _per_task(name: str, value: Optional[v.TensorLike], num_tasks: int) -> Optional[torch.Tensor]:
     tensor = v.weight_tensor(name, value)
-    if tensor is None:
-        return torch.ones(num_tasks)
-    if tensor.shape != (num_tasks,):
+    if tensor is not None and tensor.shape != (num_tasks,):
         raise ValueError(f"Expected `{name}` to have one value per task ({num_tasks}), got {tensor.numel()}.")
+    return tensor
+
+
+def _task_specs(tasks: Sequence[Union[str, Task]], loss_type: LossType) -> list[Optional[Task]]:
+    """Every task as a :class:`Task`; ``None`` for a name under ``loss_type='cross_entropy'``.
+
+    A plain name is a task with every default: binary under BCE, and under cross-entropy a
+    multi-class task whose class count comes from ``[B, T, C]`` logits (``None`` here).
+    """
+    if isinstance(tasks, (str, Task)) or not isinstance(tasks, Sequence):
+        v.task_names(tasks)  # raises its TypeError: not a sequence of names
+    specs: list[Optional[Task]] = []
+    for position, task in enumerate(tasks):
+        if isinstance(task, Task):
+            specs.append(task)
+        elif isinstance(task, str):
+            specs.append(Task(task) if task and loss_type is LossType.BCE_WITH_LOGITS else None)
+        else:
+            raise TypeError(
+                f"Expected every task to be a name (str) or a losses.Task, got {type(task).__name__} at position "
+                f"{position}."
+            )
+    v.task_names([task if isinstance(task, str) else task.name for task in tasks])
+    return specs
+
+
+def _from_specs(
+    name: str,
+    argument: Optional[v.TensorLike],
+    field: str,
+    specs: Sequence[Optional[Task]],
+    tasks: Sequence[str],
+    applies: Sequence[bool],
+) -> torch.Tensor:
+    """A ``[T]`` buffer: the ``argument`` (one value per task) or each Task's own ``field``, never both."""
+    own = [1.0 if spec is None else float(getattr(spec, field)) for spec in specs]
+    tensor = _per_task(name, argument, len(tasks))
+    if tensor is None:
+        return torch.tensor(own)
+    overridden = [task for task, value in zip(tasks, own, strict=True) if value != 1.0]
+    if overridden:
+        raise ValueError(
+            f"Expected each task's `{field}` in one place: `{name}` was given, and the Tasks {overridden} set "
+            f"their own `{field}`."
+        )
+    if tensor.device.type != "meta":
+        wrong = [task for task, value, ok in zip(tasks, tensor.tolist(), applies, strict=True) if not ok and value != 1]
+        if wrong:
+            raise ValueError(
+                f"Expected `{name}` to be 1 for the tasks it does not apply to, got other values for {wrong}."
+            )
     return tensor
 
 
@@ -56,7 +108,9 @@ class MultiTaskLoss(nn.Module):
     for ``task_loss_reduction="mean"`` (:math:`N_t = 1` for ``sum``; :math:`L_t = 0` with a zero
     gradient when :math:`N_t = 0`, an empty batch included, for every reduction). :math:`\ell` is
     binary cross-entropy with the task's ``pos_weight`` (see :class:`~losses.BCEWithLogitsLoss`)
-    or softmax cross-entropy over a class dimension. The global loss is ``global_reduction`` over
+    or softmax cross-entropy over a class dimension; with :class:`~losses.Task` specs it is each
+    task's own loss (binary with focal modulation, label smoothing and negative sampling,
+    multi-class, or regression), see ``docs/task_specs.rst``. The global loss is ``global_reduction`` over
     :math:`\tau_t L_t` with :math:`\tau` the ``task_weights``. Weights are multipliers: ``mean``
     divides by the number of labelled entries, not by the weight sum, exactly as
     :func:`torch.nn.functional.binary_cross_entropy_with_logits`.
@@ -73,17 +127,22 @@ class MultiTaskLoss(nn.Module):
     group's size, so the average of the ranks' losses, which DDP's gradient averaging takes, is the
     exact mean over the global batch even when ranks hold different numbers of labelled entries.
 
-    All tasks are computed in one pass over the block; ``forward`` has no loop over tasks and
-    never waits on the device (``normalize="global"`` runs its collective).
+    All tasks of a kind are computed in one pass over the block (binary tasks in one autograd
+    node with an analytic gradient); ``forward`` has no loop over tasks and never waits on the
+    device (``normalize="global"`` runs its collective).
 
     Args:
-        tasks: the task names, in the order of the task dimension of the logits.
-        loss_type: :attr:`LossType.BCE_WITH_LOGITS` (logits ``[B, T]``) or
-            :attr:`LossType.CROSS_ENTROPY` (logits ``[B, T, C]``, class-index labels). Default: BCE.
-        pos_weights: one positive weight per task (BCE only): a tensor, a sequence or an array
-            (NumPy included) of non-negative finite numbers. Default: ``None`` (all 1).
+        tasks: the tasks, in the order of the task dimension of the labels: names, :class:`~losses.Task`
+            specs, or a mix. A name is a task with every default, of the kind ``loss_type`` says.
+        loss_type: the kind of the tasks given by name: :attr:`LossType.BCE_WITH_LOGITS` (binary) or
+            :attr:`LossType.CROSS_ENTROPY` (multi-class, class count from logits ``[B, T, C]``).
+            Default: BCE.
+        pos_weights: one positive weight per task (binary tasks; 1 for the others): a tensor, a
+            sequence or an array (NumPy included) of non-negative finite numbers. Default: ``None``
+            (each Task's ``pos_weight``, 1 for a name).
         task_weights: one multiplier per task for the global reduction, given the same ways.
-            Default: ``None`` (all 1).
+            Default: ``None`` (each Task's ``weight``, 1 for a name). A Task that sets its own
+            ``pos_weight`` or ``weight`` cannot be combined with the argument.
         task_loss_reduction: ``"mean"`` | ``"sum"`` over the batch, or ``"none"`` for one loss
             per sample. Default: ``"mean"``.
         global_reduction: ``"mean"`` | ``"sum"`` | ``"min"`` | ``"max"`` | ``"median"`` over the
@@ -94,7 +153,7 @@ class MultiTaskLoss(nn.Module):
             finite weights; a bad value is a ``ValueError`` naming the argument and its index.
             This waits for the device on every call, so it is off by default; turn it on to find
             where a NaN comes from. Without it, a class index outside ``[0, C)`` other than
-            ``-100`` gets torch's own error (an ``IndexError`` on the CPU, a device-side assert
+            ``-100`` gets torch's own error (a ``RuntimeError`` on the CPU, a device-side assert
             on CUDA). Meta tensors are not checked (they hold no values). Default: ``False``.
         process_group: the ranks ``normalize="global"`` counts over: the group DDP averages over
             (its ``process_group`` argument). Only the group's ranks may call the loss; another
@@ -113,10 +172,13 @@ class MultiTaskLoss(nn.Module):
     once, at construction: only ``mean`` gives DDP gradients equal to single-process gradients.
 
     Shape:
-        - logits: :math:`(B, T)` for BCE, :math:`(B, T, C)` for cross-entropy; half precision is
-          computed in float32.
+        - logits: :math:`(B, T)` for BCE, :math:`(B, T, C)` for cross-entropy; with Task specs
+          :math:`(B, D)`, one column per binary or regression task and ``num_classes`` columns per
+          multi-class task, in task order (or :math:`(B, T, C)` when every task is multi-class with
+          ``C`` classes). Half precision is computed in float32.
         - labels: :math:`(B, T)`; float, int or bool for BCE; class indices of any integer dtype
-          for cross-entropy, where ``-100`` (torch's ``ignore_index``) marks an unlabelled entry.
+          for cross-entropy, where ``-100`` (torch's ``ignore_index``) marks an unlabelled entry;
+          in a :math:`(B, D)` block a multi-class task's label is its class index as a number.
         - weights: optional, :math:`(B, T)`, or :math:`(B)` for the same weight on every task.
         - mask: optional bool :math:`(B, T)`, true where a label exists. An entry it leaves out
           (or a cross-entropy label ``-100``) adds nothing to the loss, the count or the gradient,
@@ -139,7 +201,7 @@ class MultiTaskLoss(nn.Module):
 
     def __init__(
         self,
-        tasks: Sequence[str],
+        tasks: Sequence[Union[str, Task]],
         loss_type: Union[LossType, str] = LossType.BCE_WITH_LOGITS,
         pos_weights: Optional[v.TensorLike] = None,
         task_weights: Optional[v.TensorLike] = None,
@@ -152,8 +214,9 @@ class MultiTaskLoss(nn.Module):
         weighting: Optional[TaskWeighting] = None,
     ) -> None:
         super().__init__()
-        self.tasks = v.task_names(tasks)
         self.loss_type = parse_loss_type(loss_type)
+        specs = _task_specs(tasks, self.loss_type)
+        self.tasks = tuple(task.name if isinstance(task, Task) else task for task in tasks)
         if pos_weights is not None and self.loss_type is LossType.CROSS_ENTROPY:
             raise ValueError("`pos_weights` apply to BCE tasks only; got them with loss_type 'cross_entropy'.")
         self.task_loss_reduction: TaskReduction = v.check_choice(  # type: ignore[assignment]
@@ -166,10 +229,17 @@ class MultiTaskLoss(nn.Module):
         self.check_inputs = bool(check_inputs)
         self._group = distributed.GroupHandle(distributed.check_group("process_group", process_group))
         num_tasks = len(self.tasks)
-        self.register_buffer("pos_weight", _per_task("pos_weights", pos_weights, num_tasks))
-        self.register_buffer("task_weight", _per_task("task_weights", task_weights, num_tasks))
+        kinds = ["multiclass" if spec is None else spec.kind for spec in specs]
+        binary = [kind == "binary" for kind in kinds]
+        self.register_buffer(
+            "pos_weight", _from_specs("pos_weights", pos_weights, "pos_weight", specs, self.tasks, binary)
+        )
+        self.register_buffer(
+            "task_weight", _from_specs("task_weights", task_weights, "weight", specs, self.tasks, [True] * num_tasks)
+        )
+        self._build_groups(specs, kinds)
         self._keys = tuple(f"loss/{task}" for task in self.tasks)
-        # mean and sum over tasks are a weighted sum, which the fused BCE computes itself;
+        # mean and sum over tasks are a weighted sum, which each kind's pass computes itself;
         # min, max and median are taken from the task losses.
         factors = {"mean": 1.0 / num_tasks, "sum": 1.0}
         self._global_factor: Optional[float] = factors.get(self.global_reduction)
@@ -184,6 +254,47 @@ class MultiTaskLoss(nn.Module):
             )
         warn_unless_mean("task_loss_reduction", self.task_loss_reduction)
         warn_unless_mean("global_reduction", self.global_reduction)
+
+    def _build_groups(self, specs: Sequence[Optional[Task]], kinds: Sequence[str]) -> None:
+        """One row per kind present (the table in ``losses._task_groups``), and the layout of the logits."""
+        num_tasks = len(specs)
+        widths = [None if spec is None else spec.columns for spec in specs]
+        classes = {spec.num_classes for spec in specs if spec is not None and spec.kind == "multiclass"}
+        #: ``C`` (or ``None``: from the logits) when logits may come as ``[B, T, C]``; ``False`` when not.
+        self._class_layout: Union[int, bool, None] = (
+            (next(iter(classes)) if classes else None) if set(kinds) == {"multiclass"} and len(classes) <= 1 else False
+        )
+        if None in widths and set(kinds) != {"multiclass"}:
+            unnamed = [task for task, spec in zip(self.tasks, specs, strict=True) if spec is None]
+            raise ValueError(
+                f"Expected every multiclass task of a block with other kinds to be a Task with `num_classes`: the "
+                f"tasks {unnamed} are names under loss_type 'cross_entropy', whose class count only [B, T, C] "
+                "logits give, and a block with binary or regression tasks is [B, D]."
+            )
+        #: Columns of the ``[B, D]`` layout (``None``: only ``[B, T, C]`` logits, the class count unknown).
+        self._width: Optional[int] = None if None in widths else sum(w for w in widths if w is not None)
+        starts, column = [], 0
+        for width in widths:
+            starts.append(column)
+            column += width or 1
+        groups, positions, logit_columns = [], [], []
+        for kind, group in GROUPS.items():
+            members = [t for t in range(num_tasks) if kinds[t] == kind]
+            if members:
+                groups.append(group(members, [specs[t] for t in members]))
+                positions.append(members)
+                logit_columns.append([starts[t] + c for t in members for c in range(widths[t] or 1)])
+        self.kinds = nn.ModuleList(groups)
+        # The same rows as a tuple, read in forward: indexing a ModuleList costs a microsecond a call.
+        self._groups: tuple[TaskGroup, ...] = tuple(groups)
+        self.split = RowSplit(positions, logit_columns)
+        only = groups[0] if len(groups) == 1 else None
+        # One plain binary task has nothing to fuse: torch's own BCE call is the cheapest way.
+        self._one_plain_task = (
+            num_tasks == 1
+            and isinstance(only, GROUPS["binary"])
+            and all(getattr(only, name) is None for name in ("focal_gamma", "label_smoothing", "neg_sampling_rate"))
+        )
 
     @property
     def process_group(self) -> Optional[distributed.ProcessGroup]:
@@ -218,40 +329,80 @@ class MultiTaskLoss(nn.Module):
         weights: Optional[torch.Tensor],
         mask: Optional[torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        cross_entropy = self.loss_type is LossType.CROSS_ENTROPY
-        functional.check_multi_task_inputs(logits, labels, weights, mask, len(self.tasks), int(cross_entropy))
-        if self.check_inputs:
-            self._check_values(logits, labels, weights, mask)
+        self._check_shapes(logits, labels, weights, mask)
         pos_weight = v.on_device_of("pos_weight", self.pos_weight, logits)
         task_weight = v.on_device_of("task_weight", self.task_weight, logits)
-        if cross_entropy:
-            elements, labelled = functional.multi_task_cross_entropy(logits, labels, weights, mask)
-            if self.task_loss_reduction == "none":
-                return self._result(elements.unbind(1), elements.t(), task_weight)
-            task_losses = elements.sum(0)
-            scale = self._task_scale(labelled, logits)
-            if scale is not None:
-                task_losses = task_losses * scale
-            return self._result(task_losses.unbind(), task_losses, task_weight)
+        if self._one_plain_task and mask is None and (self.normalize == "local" or not distributed.is_distributed()):
+            if self.check_inputs:
+                self._check_values([(logits, labels, weights, mask)], weights)
+            if self.task_loss_reduction != "none":
+                # One task has nothing to fuse: torch's own BCE call, which reduces in C++, is the
+                # cheapest way, and it is the same math.
+                if weights is not None and weights.ndim == 1:
+                    weights = weights.unsqueeze(1)
+                task_loss = functional.binary_cross_entropy_with_logits(
+                    logits, labels, weights, pos_weight, reduction=self.task_loss_reduction
+                )
+                return {self._keys[0]: task_loss, "loss": task_loss * task_weight.squeeze(0)}
+        # Each row takes its own columns; a row may leave out more entries than the mask (label -100).
+        split, groups = self.split, self._groups
+        if len(groups) == 1:
+            group = groups[0]
+            rows: list[Inputs] = [(group.prepare(logits), labels, weights, group.labelled(labels, mask))]
+        else:
+            rows = [
+                (group.prepare(x), y, w, group.labelled(y, m))
+                for group, x, y, w, m in zip(
+                    groups,
+                    split.logits(logits),
+                    split.per_task(labels),
+                    split.per_task(weights),
+                    split.per_task(mask),
+                    strict=True,
+                )
+                if y is not None
+            ]
+        if self.check_inputs:
+            self._check_values(rows, weights)
+        pos_weights = split.vector(pos_weight)
         if self.task_loss_reduction == "none":
-            elements = functional.multi_task_bce_elements(logits, labels, pos_weight, weights, mask)
-            return self._result(elements.unbind(1), elements.t(), task_weight)
-        if len(self.tasks) == 1 and mask is None and (self.normalize == "local" or not distributed.is_distributed()):
-            # One task has nothing to fuse: torch's own BCE call, which reduces in C++, is the
-            # cheapest way, and it is the same math.
-            if weights is not None and weights.ndim == 1:
-                weights = weights.unsqueeze(1)
-            task_loss = functional.binary_cross_entropy_with_logits(
-                logits, labels, weights, pos_weight, reduction=self.task_loss_reduction
-            )
-            return {self._keys[0]: task_loss, "loss": task_loss * task_weight.squeeze(0)}
-        scale = self._task_scale(mask, logits)
-        task_losses, total = functional.multi_task_bce(
-            logits, labels, pos_weight, weights, mask, scale, task_weight, self._global_factor
-        )
-        return self._result(
-            task_losses.unbind(), task_losses, task_weight, None if self._global_factor is None else total
-        )
+            elements = [group.elements(row, p) for group, row, p in zip(groups, rows, pos_weights, strict=True)]
+            joined = split.join(elements, dim=1)
+            return self._result(joined.unbind(1), joined.t(), task_weight)
+        scale = self._task_scale([row[3] for row in rows], logits)
+        scales = split.vector(scale) if isinstance(scale, torch.Tensor) else [scale] * len(groups)
+        factor = self._global_factor
+        sums = [
+            group.sums(row, p, s, tau, factor)
+            for group, row, p, s, tau in zip(groups, rows, pos_weights, scales, split.vector(task_weight), strict=True)
+        ]
+        task_losses, total = sums[0] if len(sums) == 1 else (split.join([part for part, _ in sums], dim=0), None)
+        if factor is None:
+            return self._result(task_losses.unbind(), task_losses, task_weight)
+        if total is None:
+            # The global mean and sum are linear in the task losses: the sum of the rows' totals.
+            total = sums[0][1]
+            for _, row_total in sums[1:]:
+                total = total + row_total
+        return self._result(task_losses.unbind(), task_losses, task_weight, total)
+
+    def _check_shapes(
+        self, logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor], mask: Optional[torch.Tensor]
+    ) -> None:
+        """The layouts: ``[B, T, C]`` when every task is multi-class, else ``[B, D]`` (``[B, T]`` without classes)."""
+        v.check_tensor("logits", logits)  # the rest is checked by the layout's own checks
+        num_tasks = len(self.tasks)
+        if self._class_layout is not False and (logits.ndim == 3 or self._width is None):
+            functional.check_multi_task_inputs(logits, labels, weights, mask, num_tasks, 1)
+            if self._class_layout is not None and logits.shape[2] != self._class_layout:
+                raise ValueError(
+                    f"Expected `logits` of shape [B, T, C] with C = {self._class_layout} (the tasks' `num_classes`), "
+                    f"got {tuple(logits.shape)}."
+                )
+        elif self._width == num_tasks:
+            functional.check_multi_task_inputs(logits, labels, weights, mask, num_tasks, 0)
+        else:
+            _check_block(logits, labels, weights, mask, num_tasks, self._width)
 
     def _result(
         self,
@@ -267,35 +418,69 @@ class MultiTaskLoss(nn.Module):
         )
         return losses
 
-    def _task_scale(self, mask: Optional[torch.Tensor], logits: torch.Tensor) -> Union[float, torch.Tensor, None]:
-        """What multiplies each task's sum: one over its labelled count for ``mean``, nothing for ``sum``."""
+    def _task_scale(self, masks: Sequence[Optional[torch.Tensor]], logits: torch.Tensor) -> Scale:
+        """What multiplies each task's sum: one over its labelled count for ``mean``, nothing for ``sum``.
+
+        ``masks`` holds each row's labelled entries (``None``: all of them).
+        """
         if self.task_loss_reduction != "mean":
             return None
         batch = logits.shape[0]
         dtype = functional.compute_dtype(logits.dtype)
-        if self.normalize == "global" and distributed.is_distributed():
+        across_ranks = self.normalize == "global" and distributed.is_distributed()
+        if not across_ranks and all(mask is None for mask in masks):
+            return 1.0 / max(batch, 1)
+        counts = self.split.join(
+            [
+                functional.task_counts(mask, batch, len(group.positions), dtype, logits.device)
+                for group, mask in zip(self._groups, masks, strict=True)
+            ],
+            dim=0,
+        )
+        if across_ranks:
             group = self._group.get()
-            counts = functional.task_counts(mask, batch, len(self.tasks), dtype, logits.device)
             # An empty task's sum is 0, so dividing it by 1 instead of 0 gives the 0 we want.
             return distributed.world_size(group) / distributed.all_reduce_sum(counts, group).clamp_min(1)
-        if mask is None:
-            return 1.0 / max(batch, 1)
-        counts = functional.task_counts(mask, batch, len(self.tasks), dtype, logits.device)
         return counts.clamp_min(1).reciprocal()
 
-    def _check_values(
-        self, logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor], mask: Optional[torch.Tensor]
-    ) -> None:
+    def _check_values(self, rows: Sequence[Inputs], weights: Optional[torch.Tensor]) -> None:
         # Only labelled entries are checked: the others contribute nothing, whatever they hold.
-        labelled = mask
-        if self.loss_type is LossType.CROSS_ENTROPY:
-            v.check_values(
-                "labels", labels, low=0, high=logits.shape[2] - 1, where=mask, allowed=functional.IGNORE_INDEX
-            )
-            labelled = labels != functional.IGNORE_INDEX if mask is None else mask & (labels != functional.IGNORE_INDEX)
-            v.check_values("logits", logits, where=labelled.unsqueeze(-1).expand_as(logits))
-        else:
-            v.check_values("labels", labels, low=0, high=1, where=mask)
-            v.check_values("logits", logits, where=mask)
-        if weights is not None:
-            v.check_values("weights", weights, low=0, where=labelled if weights.ndim == 2 else None)
+        for group, row in zip(self._groups, rows, strict=True):
+            group.check_values(row)
+            row_weights, row_mask = row[2], row[3]
+            if row_weights is not None and row_weights.ndim == 2:
+                v.check_values("weights", row_weights, low=0, where=row_mask)
+        if weights is not None and weights.ndim == 1:
+            v.check_values("weights", weights, low=0)
+
+
+def _check_block(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    num_tasks: int,
+    width: Optional[int],
+) -> None:
+    """Shape checks (free) of a ``[B, D]`` block with multi-class tasks: ``D`` logit columns, ``T`` labels."""
+    v.check_real_tensors(logits=logits, labels=labels, weights=weights, mask=mask)
+    v.check_floating("logits", logits)
+    if logits.ndim != 2 or logits.shape[1] != width:
+        raise ValueError(
+            f"Expected `logits` of shape [B, D] with D = {width} columns (one per binary or regression task and "
+            f"`num_classes` per multiclass task, in task order), got {tuple(logits.shape)}."
+        )
+    block = (logits.shape[0], num_tasks)
+    if labels.shape != block:
+        raise ValueError(
+            f"Expected `labels` of shape [B, T] {block}, one label per task (a class index for a multiclass task), "
+            f"got {tuple(labels.shape)}."
+        )
+    for name, tensor in (("labels", labels), ("weights", weights)):
+        v.check_no_grad(name, tensor, "MultiTaskLoss differentiates with respect to `logits` only.")
+    if weights is not None and weights.shape not in (block, block[:1]):
+        raise ValueError(f"Expected `weights` of shape [B, T] {block} or [B] {block[:1]}, got {tuple(weights.shape)}.")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"Expected `mask` to be a bool tensor, got dtype {mask.dtype}.")
+        v.check_same_shape("mask", mask, torch.Size(block), "labels")

@@ -1,0 +1,131 @@
+"""``Task``: what one task of a :class:`~losses.MultiTaskLoss` is, and which options it takes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+TaskKind = Literal["binary", "multiclass", "regression"]
+
+#: The task kinds, in the order a :class:`~losses.MultiTaskLoss` runs their passes.
+KINDS: tuple[str, ...] = ("binary", "multiclass", "regression")
+
+#: The options each kind takes beyond ``name``, ``kind`` and ``weight``; any other option must keep its default.
+OPTIONS: dict[str, frozenset[str]] = {
+    "binary": frozenset({"pos_weight", "focal_gamma", "focal_alpha", "label_smoothing", "neg_sampling_rate"}),
+    "multiclass": frozenset({"num_classes", "label_smoothing"}),
+    "regression": frozenset(),
+}
+
+_DEFAULTS: dict[str, Any] = {
+    "pos_weight": 1.0,
+    "num_classes": None,
+    "focal_gamma": 0.0,
+    "focal_alpha": None,
+    "label_smoothing": 0.0,
+    "neg_sampling_rate": 1.0,
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    r"""One task of a :class:`~losses.MultiTaskLoss`: its name, its kind and the options of its loss.
+
+    The element loss :math:`\ell(x, y)` of each kind, for logit :math:`x` (or the logits
+    :math:`x_{1..C}` of a multi-class task) and label :math:`y`:
+
+    .. math::
+        \text{binary:}\quad \ell = -\alpha_1\, p\, y\, (1 - \sigma(x))^{\gamma} \log \sigma(x)
+            - \alpha_0 (1 - y)\, \sigma(x)^{\gamma} \log(1 - \sigma(x))
+
+        \text{multiclass:}\quad \ell = -\sum_{c=1}^{C} q_c \log \mathrm{softmax}(x)_c,
+            \qquad q_c = (1 - \varepsilon) [c = y] + \varepsilon / C
+
+        \text{regression:}\quad \ell = \tfrac{1}{2} (x - y)^2
+
+    with :math:`p` the ``pos_weight``, :math:`\gamma` the ``focal_gamma``, :math:`(\alpha_1,
+    \alpha_0) = (\alpha, 1 - \alpha)` for a ``focal_alpha`` :math:`\alpha` and :math:`(1, 1)`
+    without one, and a binary label smoothed to :math:`y (1 - \varepsilon) + \varepsilon / 2`.
+    For a hard label this is the focal loss of Lin et al., :math:`-\alpha_t (1 - p_t)^\gamma \log
+    p_t`; ``focal_gamma=0`` and ``focal_alpha=None`` give plain binary cross-entropy exactly.
+    ``neg_sampling_rate`` :math:`r` multiplies the weight of a binary entry by
+    :math:`y + (1 - y) / r`: a negative counts :math:`1 / r` (its importance weight when only a
+    share :math:`r` of the negatives was kept), a positive 1.
+
+    Every field is checked at construction; an option a kind does not take, or a value out of
+    range, is a ``ValueError`` naming the task and the field.
+
+    Args:
+        name: the task's name: the result key is ``"loss/<name>"``.
+        kind: ``"binary"`` | ``"multiclass"`` | ``"regression"``. Default: ``"binary"``.
+        pos_weight: the weight of positive labels (binary), finite and non-negative. Default: ``1.0``.
+        weight: the task's weight in the global reduction (``task_weights``), finite and
+            non-negative. Default: ``1.0``.
+        num_classes: the number of classes, at least 2; required for ``"multiclass"``, where the
+            task owns that many logit columns. Default: ``None``.
+        focal_gamma: :math:`\gamma \ge 0` of the focal modulation (binary). Default: ``0.0``.
+        focal_alpha: :math:`\alpha \in [0, 1]`, the positives' share of the focal class balance
+            (binary), or ``None`` for none. Default: ``None``.
+        label_smoothing: :math:`\varepsilon \in [0, 1]` (binary or multiclass). Default: ``0.0``.
+        neg_sampling_rate: :math:`r \in (0, 1]`, the share of negatives kept (binary). Default: ``1.0``.
+
+    Example:
+        >>> Task("negative_feedback", kind="multiclass", num_classes=3).num_classes
+        3
+        >>> Task("dwell", kind="regression", pos_weight=2.0)
+        Traceback (most recent call last):
+        ...
+        ValueError: Task 'dwell': expected `pos_weight` to keep its default 1.0 (a 'regression' task takes no ...
+    """
+
+    name: str
+    kind: TaskKind = "binary"
+    pos_weight: float = 1.0
+    weight: float = 1.0
+    num_classes: Optional[int] = None
+    focal_gamma: float = 0.0
+    focal_alpha: Optional[float] = None
+    label_smoothing: float = 0.0
+    neg_sampling_rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Expected `name` of a Task to be a non-empty str, got {self.name!r}.")
+        if not isinstance(self.kind, str) or self.kind not in KINDS:
+            self._fail("kind", f"one of {KINDS}", self.kind)
+        for field, default in _DEFAULTS.items():
+            if field not in OPTIONS[self.kind] and getattr(self, field) != default:
+                raise ValueError(
+                    f"Task {self.name!r}: expected `{field}` to keep its default {default!r} (a {self.kind!r} task "
+                    f"takes no `{field}`), got {getattr(self, field)!r}."
+                )
+        self._number("pos_weight", low=0.0)
+        self._number("weight", low=0.0)
+        self._number("focal_gamma", low=0.0)
+        self._number("label_smoothing", low=0.0, high=1.0)
+        self._number("neg_sampling_rate", low=0.0, high=1.0, open_low=True)
+        if self.focal_alpha is not None:
+            self._number("focal_alpha", low=0.0, high=1.0)
+        if self.kind == "multiclass":
+            classes = self.num_classes
+            if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
+                self._fail("num_classes", "an int of at least 2 for a 'multiclass' task", classes)
+
+    def _number(self, field: str, low: float, high: float = math.inf, open_low: bool = False) -> None:
+        value = getattr(self, field)
+        interval = f"{'(' if open_low else '['}{low}, {high}{']' if math.isfinite(high) else ')'}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self._fail(field, f"a number in {interval}", value)
+        if not (math.isfinite(value) and (value > low if open_low else value >= low) and value <= high):
+            self._fail(field, f"finite and in {interval}", value)
+        # A frozen dataclass: set the float form through object.__setattr__.
+        object.__setattr__(self, field, float(value))
+
+    def _fail(self, field: str, expectation: str, value: Any) -> None:
+        raise ValueError(f"Task {self.name!r}: expected `{field}` to be {expectation}, got {value!r}.")
+
+    @property
+    def columns(self) -> int:
+        """How many logit columns the task owns: ``num_classes`` for a multi-class task, else 1."""
+        return self.num_classes if self.kind == "multiclass" and self.num_classes is not None else 1
