@@ -20,6 +20,7 @@ import torchmetrics
 
 import losses
 from benchmarks.memory import peak_bytes
+from benchmarks.mixed import bench_mixed, check_mixed, render_mixed
 from benchmarks.ranking import bench_ranking, check_ranking, render_ranking
 from benchmarks.references import ancestor_loop, fused_floor
 from benchmarks.timing import interleaved_medians
@@ -353,6 +354,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--no-sync", action="store_true", help="skip the 2-rank metric sync benchmark")
     parser.add_argument("--only-sync", action="store_true", help="run the 2-rank metric sync benchmark alone")
     parser.add_argument("--no-ranking", action="store_true", help="skip the ranking metrics benchmark")
+    parser.add_argument("--no-mixed", action="store_true", help="skip the mixed task kinds benchmark")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     compiled = not args.no_compile
@@ -372,6 +374,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         ranking = bench_ranking(args.rounds)
         text += render_ranking(ranking)
         targets += check_ranking(ranking)
+    if not args.no_mixed:
+        mixed = bench_mixed(args.rounds)
+        text += render_mixed(mixed)
+        targets += check_mixed(mixed)
     text += "\n## Targets\n\n" + "\n".join(f"- {line}" for line in targets) + "\n"
     print(text)
     args.output.write_text(text)
