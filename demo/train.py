@@ -1,5 +1,9 @@
 """Train an MLP ranker on synthetic engagement data with MultiTaskLoss; compare with the best possible loss.
 
+The head mixes task kinds, as a real ranker's does: binary engagements (pos_weights for the rare
+ones) and a multi-class negative-feedback task (none / see-less / report), all in one ``[B, D]``
+block of logits and one loss (see ``docs/task_specs.rst``).
+
 Run ``python -m demo --help``. Under ``torchrun --nproc-per-node=2 -m demo`` every rank trains on
 its own shard (DDP, gloo) and the log shows each rank's local loss beside the global one.
 """
@@ -17,12 +21,13 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from demo.data import ENGAGEMENTS, Batch, EngagementModel
+from demo.data import ENGAGEMENTS, FEEDBACK, FEEDBACK_CLASSES, Batch, EngagementModel
 from demo.weighting import WEIGHTINGS, for_logging, print_comparison, weighting_names, weights_text
-from losses import MultiTaskGlobalLoss, MultiTaskLoss, MultiTaskRankingMetrics, TaskWeighting
+from losses import MultiTaskGlobalLoss, MultiTaskLoss, MultiTaskRankingMetrics, Task, TaskWeighting
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -35,7 +40,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         default=5,
         choices=range(1, len(ENGAGEMENTS) + 1),
         metavar="1-5",
-        help=f"number of tasks, from {', '.join(name for name, _ in ENGAGEMENTS)} (default 5)",
+        help=f"number of binary tasks, from {', '.join(name for name, _ in ENGAGEMENTS)} (default 5); the "
+        f"multi-class {FEEDBACK} task comes on top",
     )
     parser.add_argument("--features", type=int, default=16, help="dense features per row (default 16)")
     parser.add_argument("--log-every", type=int, default=100, help="steps between global loss logs (default 100)")
@@ -54,26 +60,32 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def task_specs(tasks: int, pos_weights: list[float]) -> list[Task]:
+    """The ranker's tasks: the first ``tasks`` engagements (binary), then the multi-class feedback."""
+    binary = [Task(name, pos_weight=weight) for (name, _), weight in zip(ENGAGEMENTS[:tasks], pos_weights, strict=True)]
+    return [*binary, Task(FEEDBACK, kind="multiclass", num_classes=len(FEEDBACK_CLASSES))]
+
+
 class Ranker(nn.Module):
-    """An MLP tower with one logit per task, holding its loss so that DDP and .to() carry it along."""
+    """An MLP tower with one head block (a logit per engagement, one per feedback class), holding its loss
+    so that DDP and .to() carry it along."""
 
     def __init__(
         self,
         features: int,
-        tasks: list[str],
-        pos_weights: list[float],
+        specs: list[Task],
         distributed: bool,
         weighting: Optional[TaskWeighting] = None,
     ) -> None:
         super().__init__()
+        self.specs = specs
+        columns = sum(spec.columns for spec in specs)
         self.tower = nn.Sequential(
-            nn.Linear(features, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, len(tasks))
+            nn.Linear(features, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, columns)
         )
         # With ranks holding different labelled counts, "global" keeps the DDP gradient exact.
         # A weighting inside the loss is inside the model DDP wraps: the same weights on every rank.
-        self.loss = MultiTaskLoss(
-            tasks, pos_weights=pos_weights, normalize="global" if distributed else "local", weighting=weighting
-        )
+        self.loss = MultiTaskLoss(specs, normalize="global" if distributed else "local", weighting=weighting)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self.tower(batch.features)
@@ -104,33 +116,55 @@ def _pos_weights(model: EngagementModel, tasks: int) -> list[float]:
     return [round(math.sqrt((1 - rate) / rate), 2) for _, rate in ENGAGEMENTS[:tasks]]
 
 
+def _feedback_scores(logits: torch.Tensor, batch: Batch) -> tuple[float, float]:
+    """NE and calibration of the feedback task: its weighted cross-entropy over the entropy of the
+    weighted class shares, and the predicted over the observed share of negative feedback (any class
+    but "none")."""
+    labelled = batch.mask[:, -1]
+    classes, weights = batch.labels[labelled, -1].long(), batch.weights[labelled]
+    shares = torch.bincount(classes, weights, minlength=len(FEEDBACK_CLASSES)) / weights.sum()
+    entropy = -(shares * shares.clamp_min(1e-12).log()).sum()
+    cross_entropy = (F.cross_entropy(logits[labelled], classes, reduction="none") * weights).sum() / weights.sum()
+    predicted = ((1 - torch.softmax(logits[labelled], dim=1)[:, 0]) * weights).sum() / weights.sum()
+    return (cross_entropy / entropy).item(), (predicted / (1 - shares[0])).item()
+
+
 def evaluate(ranker: Ranker, data: EngagementModel, rows: int, seed: int) -> list[tuple[str, float, ...]]:
     """Per task: positive rate; held-out loss of the trained, Bayes-optimal and base-rate models;
     NE of the trained and the Bayes-optimal model, and the trained model's calibration."""
     batch = data.sample(rows, torch.Generator().manual_seed(seed + 10_000))
     # Rank 0 evaluates alone, so a loss with normalize="global" (a collective) will not do.
-    loss = MultiTaskLoss(ranker.loss.tasks, pos_weights=ranker.loss.pos_weight)
-    pos_weight = loss.pos_weight
+    loss = MultiTaskLoss(ranker.specs)
+    binary = [spec.name for spec in ranker.specs if spec.kind == "binary"]
+    engagements = len(binary)
+    log_pos_weight = loss.pos_weight[:engagements].log()
+    # Under pos_weight p the loss-minimizing probability is p*q / (p*q + 1 - q) for the true q: the
+    # true logit shifted by log p (the feedback's logits are not shifted). The best constant is the
+    # base rate shifted the same way, and the class shares for the feedback.
+    shift = torch.cat([log_pos_weight, torch.zeros(len(FEEDBACK_CLASSES))])
+    rate = torch.nanmean(batch.labels[:, :engagements], dim=0)
+    feedback = batch.labels[batch.mask[:, -1], -1].long()
+    shares = torch.bincount(feedback, minlength=len(FEEDBACK_CLASSES)).float() / feedback.numel()
+    constant = torch.cat([torch.log(rate / (1 - rate)), shares.log()]) + shift
     with torch.no_grad():
-        trained = loss(ranker.tower(batch.features), batch.labels, batch.weights, batch.mask)
-        # Under pos_weight p the loss-minimizing probability is p*q / (p*q + 1 - q) for the true q:
-        # the true logit shifted by log p. The best constant is the base rate shifted the same way.
-        optimal = loss(batch.true_logits + pos_weight.log(), batch.labels, batch.weights, batch.mask)
-        rate = torch.nanmean(batch.labels, dim=0)
-        constant = (torch.log(rate / (1 - rate)) + pos_weight.log()).expand_as(batch.true_logits)
-        base = loss(constant, batch.labels, batch.weights, batch.mask)
+        logits = ranker.tower(batch.features)
+        trained = loss(logits, batch.labels, batch.weights, batch.mask)
+        optimal = loss(batch.true_logits + shift, batch.labels, batch.weights, batch.mask)
+        base = loss(constant.expand_as(batch.true_logits), batch.labels, batch.weights, batch.mask)
         # NE and calibration judge probabilities, so the trained logits lose the log(pos_weight)
-        # shift the loss taught them. sync_on_compute=False: rank 0 evaluates alone.
+        # shift the loss taught them. sync_on_compute=False: rank 0 evaluates alone. The ranking
+        # metrics are binary: the feedback task gets its own NE and calibration.
+        inputs = (batch.labels[:, :engagements], batch.weights, batch.mask[:, :engagements])
         ranking = {
-            "trained": MultiTaskRankingMetrics(loss.tasks, sync_on_compute=False),
-            "optimal": MultiTaskRankingMetrics(loss.tasks, sync_on_compute=False),
+            "trained": MultiTaskRankingMetrics(binary, sync_on_compute=False),
+            "optimal": MultiTaskRankingMetrics(binary, sync_on_compute=False),
         }
-        ranking["trained"].update(
-            ranker.tower(batch.features) - pos_weight.log(), batch.labels, batch.weights, batch.mask
-        )
-        ranking["optimal"].update(batch.true_logits, batch.labels, batch.weights, batch.mask)
+        ranking["trained"].update(logits[:, :engagements] - log_pos_weight, *inputs)
+        ranking["optimal"].update(batch.true_logits[:, :engagements], *inputs)
         ne = {model: metric.compute() for model, metric in ranking.items()}
-    return [
+        feedback_ne, feedback_calibration = _feedback_scores(logits[:, engagements:], batch)
+        feedback_ne_optimal, _ = _feedback_scores(batch.true_logits[:, engagements:], batch)
+    rows_ = [
         (
             name,
             rate[t].item(),
@@ -141,8 +175,21 @@ def evaluate(ranker: Ranker, data: EngagementModel, rows: int, seed: int) -> lis
             ne["optimal"][f"ne/{name}"].item(),
             ne["trained"][f"calibration/{name}"].item(),
         )
-        for t, name in enumerate(loss.tasks)
+        for t, name in enumerate(binary)
     ]
+    rows_.append(
+        (
+            FEEDBACK,
+            1 - shares[0].item(),
+            trained[f"loss/{FEEDBACK}"].item(),
+            optimal[f"loss/{FEEDBACK}"].item(),
+            base[f"loss/{FEEDBACK}"].item(),
+            feedback_ne,
+            feedback_ne_optimal,
+            feedback_calibration,
+        )
+    )
+    return rows_
 
 
 def plot(curve: Curve, path: Path) -> Optional[Path]:
@@ -173,25 +220,21 @@ def train(args: argparse.Namespace, weighting: str = "equal") -> list[tuple[str,
     rank, world = _rank_and_world()
     torch.manual_seed(args.seed)  # the same initial model on every rank
     data = EngagementModel(args.tasks, args.features, seed=args.seed)
-    tasks = [name for name, _ in ENGAGEMENTS[: args.tasks]]
-    ranker = Ranker(
-        args.features,
-        tasks,
-        _pos_weights(data, args.tasks),
-        distributed=world > 1,
-        weighting=WEIGHTINGS[weighting](tasks),
-    )
+    specs = task_specs(args.tasks, _pos_weights(data, args.tasks))
+    tasks = [spec.name for spec in specs]
+    engagements = tasks[: args.tasks]  # the binary tasks: the ranking metrics' and the log's
+    ranker = Ranker(args.features, specs, distributed=world > 1, weighting=WEIGHTINGS[weighting](tasks))
     # [ddp-start]
     model: nn.Module = DistributedDataParallel(ranker) if world > 1 else ranker
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     global_loss = MultiTaskGlobalLoss(tasks)  # synced across ranks by torchmetrics
     local_loss = MultiTaskGlobalLoss(tasks, sync_on_compute=False)  # this rank's own window
     # Never reset: its window_* values cover about the last logging period of the global batch.
-    ranking = MultiTaskRankingMetrics(tasks, window=args.log_every * args.batch_size * world)
-    log_pos_weight = ranker.loss.pos_weight.log()  # the shift pos_weight puts on the logits
+    ranking = MultiTaskRankingMetrics(engagements, window=args.log_every * args.batch_size * world)
+    log_pos_weight = ranker.loss.pos_weight[: args.tasks].log()  # the shift pos_weight puts on the logits
     # Under normalize="global" a rank's training loss is its share of the global mean, not its own
     # mean; this plain loss gives the rank's own mean for display.
-    own_mean = MultiTaskLoss(tasks, pos_weights=ranker.loss.pos_weight)
+    own_mean = MultiTaskLoss(specs)
     gen = torch.Generator().manual_seed(args.seed + 1 + rank)  # each rank draws its own shard
     curve = Curve()
     progress = None
@@ -208,7 +251,10 @@ def train(args: argparse.Namespace, weighting: str = "equal") -> list[tuple[str,
         optimizer.step()
         global_loss.update(for_logging(losses, tasks), weight=args.batch_size)  # the task losses and their mean
         # [ddp-end]
-        ranking.update(logits.detach() - log_pos_weight, batch.labels, batch.weights, batch.mask)
+        head = slice(0, args.tasks)  # the engagements' columns of the logits, labels and mask
+        ranking.update(
+            logits.detach()[:, head] - log_pos_weight, batch.labels[:, head], batch.weights, batch.mask[:, head]
+        )
         if world > 1:
             local_loss.update(own_mean(logits.detach(), batch.labels, batch.weights, batch.mask), args.batch_size)
         if step % args.log_every == 0 or step == args.steps:
@@ -232,10 +278,10 @@ def train(args: argparse.Namespace, weighting: str = "equal") -> list[tuple[str,
                 "\n"
                 + " " * 13
                 + "RCE "
-                + ", ".join(f"{name} {ranked[f'window_rce/{name}'].item():.1f}" for name in tasks)
+                + ", ".join(f"{name} {ranked[f'window_rce/{name}'].item():.1f}" for name in engagements)
             )
             line += " | calibration " + ", ".join(
-                f"{name} {ranked[f'window_calibration/{name}'].item():.2f}" for name in tasks
+                f"{name} {ranked[f'window_calibration/{name}'].item():.2f}" for name in engagements
             )
             if rank == 0:
                 (progress.write if progress else print)(line)
@@ -281,6 +327,9 @@ def print_table(rows: list[tuple[str, float, ...]]) -> None:
             f"{ne:>7.4f} {ne_optimal:>7.4f} {calibration:>7.3f}"
         )
     print("optimal: the generating model's own loss (Bayes-optimal); base rate: the best constant prediction")
+    classes = " / ".join(name for name, _ in FEEDBACK_CLASSES)
+    print(f"{FEEDBACK}: multi-class ({classes}): positives = any negative feedback, NE = cross-entropy over the")
+    print("entropy of the class shares, calibr. = predicted over observed negative feedback")
     print("NE: log loss of the probabilities over that of the positive rate (1 = base rate; lower is better),")
     print("for the trained model and the Bayes-optimal one; calibr.: predicted over observed positives")
     print("(of the final model; the training log's window values average the models of the last steps)")

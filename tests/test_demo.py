@@ -42,10 +42,13 @@ def test_demo_trains_towards_the_optimal_loss(tmp_path, command):
         TIMEOUT,
     )
     table = _table(output)
-    assert list(table) == ["click", "fav", "repost", "reply", "share"]
+    # The binary engagements, then the multi-class negative feedback (none / see-less / report).
+    assert list(table) == ["click", "fav", "repost", "reply", "share", "feedback"]
     for name, (_, trained, optimal, base) in table.items():
         assert optimal < trained < base, name
+    assert 5.0 < table["feedback"][0] < 15.0  # about 10% of impressions get negative feedback
     assert "step   300: global loss" in output
+    assert re.search(r"^step   300: global loss .*, share [\d.]+, feedback [\d.]+\)$", output, re.MULTILINE)
     ranking = _ranking_columns(output)
     assert list(ranking) == list(table)
     for name, (ne, ne_optimal, calibration) in ranking.items():
@@ -89,8 +92,8 @@ def test_demo_under_torchrun_shows_local_and_global_losses(tmp_path, command):
         at_step = [(float(g), float(local)) for s, g, _, local in lines if s == step]
         # Equal batch sizes: the global loss is the mean of the two ranks' own means.
         assert at_step[0][0] == pytest.approx((at_step[0][1] + at_step[1][1]) / 2, abs=2e-4)
-    assert list(_table(output)) == ["click", "fav", "repost"]
-    assert list(_ranking_columns(output)) == ["click", "fav", "repost"]
+    assert list(_table(output)) == ["click", "fav", "repost", "feedback"]
+    assert list(_ranking_columns(output)) == ["click", "fav", "repost", "feedback"]
     # One line of global RCE and calibration per logged step, printed once (rank 0).
     assert sorted(_logged_ranking(output)) == [50, 100]
     assert output.count("| calibration ") == 2
@@ -109,8 +112,8 @@ def test_demo_compares_task_weightings(tmp_path, command):
     assert output.count("| weights click ") == 2 * (len(names) - 1)
     comparison = output.split("held-out gap closed per task, by weighting")[1].splitlines()
     assert comparison[1].split() == ["task", *names]
-    gaps = {row.split()[0]: [float(v.rstrip("%")) for v in row.split()[1:]] for row in comparison[2:6]}
-    assert list(gaps) == ["click", "fav", "repost", "mean"]
+    gaps = {row.split()[0]: [float(v.rstrip("%")) for v in row.split()[1:]] for row in comparison[2:7]}
+    assert list(gaps) == ["click", "fav", "repost", "feedback", "mean"]
     # Each column is the "gap closed" of that weighting's own table (rounded there to whole percents).
     own = [float(v) for v in re.findall(r"^click\s+[\d.]+%(?:\s+[\d.]+){3}\s+(\d+)%", output, re.MULTILINE)]
     assert own == pytest.approx(gaps["click"], abs=0.5)
