@@ -180,8 +180,6 @@ class BinaryTasks(TaskGroup):
         return f"tasks={len(self.positions)}, kernel={'focal' if self.focal_gamma is not None else 'plain'}"
 
     def _options(self, logits: torch.Tensor) -> dict[str, Optional[torch.Tensor]]:
-        if not self._used:
-            return {}
         return {name: v.on_device_of(name, getattr(self, name), logits) for name in self._used}
 
     def elements(self, inputs: Inputs, pos_weight: torch.Tensor) -> torch.Tensor:
@@ -194,6 +192,10 @@ class BinaryTasks(TaskGroup):
         self, inputs: Inputs, pos_weight: torch.Tensor, scale: Scale, task_weight: torch.Tensor, factor: Optional[float]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         logits, labels, weights, mask = inputs
+        if not self._used:  # plain BCE: the keyword arguments cost more than the tiny batches' math
+            return functional.unchecked_multi_task_bce(
+                logits, labels, pos_weight, weights, mask, scale, task_weight, factor
+            )
         return functional.unchecked_multi_task_bce(
             logits, labels, pos_weight, weights, mask, scale, task_weight, factor, **self._options(logits)
         )

@@ -420,13 +420,13 @@ def unchecked_multi_task_bce(
         task_weight = _as_dtype(task_weight, dtype)
         total = task_losses.new_zeros(()) if factor is None else (task_losses * task_weight).sum() * factor
         return task_losses, total
-    y, w = _binary_targets(
-        _as_dtype(labels, dtype),
-        None if weights is None else _as_block(weights, dtype),
-        label_smoothing,
-        neg_sampling_rate,
-    )
-    positive, focal = _focal_factors(_as_dtype(pos_weight, dtype), focal_gamma, focal_alpha)
+    y, w = _as_dtype(labels, dtype), None if weights is None else _as_block(weights, dtype)
+    positive, focal = _as_dtype(pos_weight, dtype), None
+    # Tested here, not inside the helpers: plain BCE, the common case, then pays no call for them.
+    if label_smoothing is not None or neg_sampling_rate is not None:
+        y, w = _binary_targets(y, w, label_smoothing, neg_sampling_rate)
+    if focal_gamma is not None or focal_alpha is not None:
+        positive, focal = _focal_factors(positive, focal_gamma, focal_alpha)
     result: tuple[torch.Tensor, torch.Tensor] = MultiTaskBCE.apply(  # type: ignore[no-untyped-call]
         _as_dtype(logits, dtype), y, w, mask, positive, scale, _as_dtype(task_weight, dtype), factor, focal
     )

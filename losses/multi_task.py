@@ -166,7 +166,10 @@ class MultiTaskLoss(nn.Module):
             of ``task_weights`` and ``global_reduction``. Default: ``None``.
 
     Buffers ``pos_weight`` and ``task_weight`` (shape ``[T]``) are always registered, so they follow
-    ``model.to(...)`` and sit in the model's ``state_dict``. Logits on another device than the
+    ``model.to(...)`` and sit in the model's ``state_dict``. The options of Task specs (focal
+    parameters, smoothing, sampling rates, column maps) are buffers of the submodule ``kinds``, one
+    row per kind, not persistent: they follow ``.to()`` and come from the specs, not the checkpoint,
+    so a ``state_dict`` has the same two keys whatever the tasks. Logits on another device than the
     buffers are a ``ValueError``, except ``meta`` logits: shape inference works without moving the
     loss (with ``check_inputs=True`` too, whose value checks skip meta tensors). Reductions other than ``mean`` warn
     once, at construction: only ``mean`` gives DDP gradients equal to single-process gradients.
@@ -344,55 +347,62 @@ class MultiTaskLoss(nn.Module):
                     logits, labels, weights, pos_weight, reduction=self.task_loss_reduction
                 )
                 return {self._keys[0]: task_loss, "loss": task_loss * task_weight.squeeze(0)}
-        # Each row takes its own columns; a row may leave out more entries than the mask (label -100).
-        split, groups = self.split, self._groups
+        groups, factor = self._groups, self._global_factor
         if len(groups) == 1:
+            # One kind: its row is the whole block, nothing to split or join (the common case, kept
+            # free of the bookkeeping below: it shows at small batches).
             group = groups[0]
-            rows: list[Inputs] = [(group.prepare(logits), labels, weights, group.labelled(labels, mask))]
-        else:
-            rows = [
-                (group.prepare(x), y, w, group.labelled(y, m))
-                for group, x, y, w, m in zip(
-                    groups,
-                    split.logits(logits),
-                    split.per_task(labels),
-                    split.per_task(weights),
-                    split.per_task(mask),
-                    strict=True,
-                )
-                if y is not None
-            ]
+            row = (group.prepare(logits), labels, weights, group.labelled(labels, mask))
+            if self.check_inputs:
+                self._check_values((row,), weights)
+            if self.task_loss_reduction == "none":
+                elements = group.elements(row, pos_weight)
+                return self._result(elements.unbind(1), elements.t(), task_weight)
+            scale = self._task_scale((row[3],), logits)
+            task_losses, total = group.sums(row, pos_weight, scale, task_weight, factor)
+            return self._result(task_losses.unbind(), task_losses, task_weight, None if factor is None else total)
+        # Each row takes its own columns; a row may leave out more entries than the mask (label -100).
+        split = self.split
+        rows: list[Inputs] = [
+            (group.prepare(x), y, w, group.labelled(y, m))
+            for group, x, y, w, m in zip(
+                groups,
+                split.logits(logits),
+                split.per_task(labels),
+                split.per_task(weights),
+                split.per_task(mask),
+                strict=True,
+            )
+            if y is not None
+        ]
         if self.check_inputs:
             self._check_values(rows, weights)
         pos_weights = split.vector(pos_weight)
         if self.task_loss_reduction == "none":
-            elements = [group.elements(row, p) for group, row, p in zip(groups, rows, pos_weights, strict=True)]
-            joined = split.join(elements, dim=1)
+            parts = [group.elements(row, p) for group, row, p in zip(groups, rows, pos_weights, strict=True)]
+            joined = split.join(parts, dim=1)
             return self._result(joined.unbind(1), joined.t(), task_weight)
         scale = self._task_scale([row[3] for row in rows], logits)
         scales = split.vector(scale) if isinstance(scale, torch.Tensor) else [scale] * len(groups)
-        factor = self._global_factor
         sums = [
             group.sums(row, p, s, tau, factor)
             for group, row, p, s, tau in zip(groups, rows, pos_weights, scales, split.vector(task_weight), strict=True)
         ]
-        task_losses, total = sums[0] if len(sums) == 1 else (split.join([part for part, _ in sums], dim=0), None)
+        task_losses = split.join([part for part, _ in sums], dim=0)
         if factor is None:
             return self._result(task_losses.unbind(), task_losses, task_weight)
-        if total is None:
-            # The global mean and sum are linear in the task losses: the sum of the rows' totals.
-            total = sums[0][1]
-            for _, row_total in sums[1:]:
-                total = total + row_total
+        # The global mean and sum are linear in the task losses: the sum of the rows' totals.
+        total = sums[0][1]
+        for _, row_total in sums[1:]:
+            total = total + row_total
         return self._result(task_losses.unbind(), task_losses, task_weight, total)
 
     def _check_shapes(
         self, logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor], mask: Optional[torch.Tensor]
     ) -> None:
         """The layouts: ``[B, T, C]`` when every task is multi-class, else ``[B, D]`` (``[B, T]`` without classes)."""
-        v.check_tensor("logits", logits)  # the rest is checked by the layout's own checks
         num_tasks = len(self.tasks)
-        if self._class_layout is not False and (logits.ndim == 3 or self._width is None):
+        if self._class_layout is not False and (v.check_tensor("logits", logits).ndim == 3 or self._width is None):
             functional.check_multi_task_inputs(logits, labels, weights, mask, num_tasks, 1)
             if self._class_layout is not None and logits.shape[2] != self._class_layout:
                 raise ValueError(
@@ -428,15 +438,18 @@ class MultiTaskLoss(nn.Module):
         batch = logits.shape[0]
         dtype = functional.compute_dtype(logits.dtype)
         across_ranks = self.normalize == "global" and distributed.is_distributed()
-        if not across_ranks and all(mask is None for mask in masks):
+        if not across_ranks and (masks[0] is None if len(masks) == 1 else all(mask is None for mask in masks)):
             return 1.0 / max(batch, 1)
-        counts = self.split.join(
-            [
-                functional.task_counts(mask, batch, len(group.positions), dtype, logits.device)
-                for group, mask in zip(self._groups, masks, strict=True)
-            ],
-            dim=0,
-        )
+        if len(masks) == 1:
+            counts = functional.task_counts(masks[0], batch, len(self.tasks), dtype, logits.device)
+        else:
+            counts = self.split.join(
+                [
+                    functional.task_counts(mask, batch, len(group.positions), dtype, logits.device)
+                    for group, mask in zip(self._groups, masks, strict=True)
+                ],
+                dim=0,
+            )
         if across_ranks:
             group = self._group.get()
             # An empty task's sum is 0, so dividing it by 1 instead of 0 gives the 0 we want.
