@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal, NoReturn, Optional
 
 TaskKind = Literal["binary", "multiclass", "regression"]
 
@@ -54,7 +55,9 @@ class Task:
     share :math:`r` of the negatives was kept), a positive 1.
 
     Every field is checked at construction; an option a kind does not take, or a value out of
-    range, is a ``ValueError`` naming the task and the field.
+    range, is a ``ValueError`` naming the task and the field (a value of the wrong type, a
+    ``TypeError``). Numbers may be Python or NumPy scalars; they are stored as ``float`` (``int``
+    for ``num_classes``).
 
     Args:
         name: the task's name: the result key is ``"loss/<name>"``.
@@ -90,8 +93,10 @@ class Task:
     neg_sampling_rate: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"Expected `name` of a Task to be a non-empty str, got {self.name!r}.")
+        if not isinstance(self.name, str):
+            raise TypeError(f"Expected `name` of a Task to be a str, got {type(self.name).__name__}.")
+        if not self.name:
+            raise ValueError("Expected `name` of a Task to be a non-empty str, got ''.")
         if not isinstance(self.kind, str) or self.kind not in KINDS:
             self._fail("kind", f"one of {KINDS}", self.kind)
         for field, default in _DEFAULTS.items():
@@ -108,22 +113,27 @@ class Task:
         if self.focal_alpha is not None:
             self._number("focal_alpha", low=0.0, high=1.0)
         if self.kind == "multiclass":
-            classes = self.num_classes
-            if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
-                self._fail("num_classes", "an int of at least 2 for a 'multiclass' task", classes)
+            classes: Any = self.num_classes  # typed int, but a caller may pass anything
+            expectation = "an int of at least 2 for a 'multiclass' task"
+            if classes is not None and (isinstance(classes, bool) or not isinstance(classes, numbers.Integral)):
+                self._fail("num_classes", expectation, classes, TypeError)
+            if classes is None or classes < 2:  # missing, or too few
+                self._fail("num_classes", expectation, classes)
+            object.__setattr__(self, "num_classes", int(classes))
 
     def _number(self, field: str, low: float, high: float = math.inf, open_low: bool = False) -> None:
         value = getattr(self, field)
         interval = f"{'(' if open_low else '['}{low}, {high}{']' if math.isfinite(high) else ')'}"
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            self._fail(field, f"a number in {interval}", value)
-        if not (math.isfinite(value) and (value > low if open_low else value >= low) and value <= high):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            self._fail(field, f"a number in {interval}", value, TypeError)
+        number = float(value)  # NumPy scalars included: stored as a plain float
+        if not (math.isfinite(number) and (number > low if open_low else number >= low) and number <= high):
             self._fail(field, f"finite and in {interval}", value)
         # A frozen dataclass: set the float form through object.__setattr__.
-        object.__setattr__(self, field, float(value))
+        object.__setattr__(self, field, number)
 
-    def _fail(self, field: str, expectation: str, value: Any) -> None:
-        raise ValueError(f"Task {self.name!r}: expected `{field}` to be {expectation}, got {value!r}.")
+    def _fail(self, field: str, expectation: str, value: Any, error: type[Exception] = ValueError) -> NoReturn:
+        raise error(f"Task {self.name!r}: expected `{field}` to be {expectation}, got {value!r}.")
 
     @property
     def columns(self) -> int:
