@@ -247,13 +247,15 @@ class MultiTaskLoss(nn.Module):
         factors = {"mean": 1.0 / num_tasks, "sum": 1.0}
         self._global_factor: Optional[float] = factors.get(self.global_reduction)
         self.weighting = check_weighting(weighting, self.tasks)
+        weighted = [spec.name for spec in specs if spec is not None and spec.weight != 1.0]
         if weighting is not None and (
-            task_weights is not None or global_reduction != "mean" or task_loss_reduction == "none"
+            task_weights is not None or weighted or global_reduction != "mean" or task_loss_reduction == "none"
         ):
             raise ValueError(
                 "Expected `weighting` alone to combine the task losses, with one loss per task: it replaces "
-                f"`task_weights` and `global_reduction`; got task_weights={task_weights!r}, "
-                f"global_reduction={global_reduction!r}, task_loss_reduction={task_loss_reduction!r}."
+                f"`task_weights` (and a Task's `weight`) and `global_reduction`; got task_weights={task_weights!r}, "
+                f"Tasks with a weight {weighted}, global_reduction={global_reduction!r}, "
+                f"task_loss_reduction={task_loss_reduction!r}."
             )
         warn_unless_mean("task_loss_reduction", self.task_loss_reduction)
         warn_unless_mean("global_reduction", self.global_reduction)
@@ -481,7 +483,12 @@ def _check_block(
     if logits.ndim != 2 or logits.shape[1] != width:
         raise ValueError(
             f"Expected `logits` of shape [B, D] with D = {width} columns (one per binary or regression task and "
-            f"`num_classes` per multiclass task, in task order), got {tuple(logits.shape)}."
+            f"`num_classes` per multiclass task, in task order), got {tuple(logits.shape)}"
+            + (
+                ". [B, T, C] logits need every task multiclass, all with one `num_classes`."
+                if logits.ndim == 3
+                else "."
+            )
         )
     block = (logits.shape[0], num_tasks)
     if labels.shape != block:

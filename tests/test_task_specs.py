@@ -572,6 +572,13 @@ class TestLayouts:
             MultiTaskLoss(["a", Task("d", kind="regression")], pos_weights=[2.0, 3.0])
         with pytest.raises(ValueError, match=r"the tasks \['a'\] are names under loss_type 'cross_entropy'"):
             MultiTaskLoss(["a", Task("d", kind="regression")], loss_type="cross_entropy")
+        with pytest.raises(ValueError, match=r"`weighting` alone .* Tasks with a weight \['a'\]"):
+            MultiTaskLoss([Task("a", weight=2.0), "b"], weighting=UncertaintyWeighting(["a", "b"]))
+        different = MultiTaskLoss(
+            [Task("a", kind="multiclass", num_classes=3), Task("b", kind="multiclass", num_classes=4)]
+        )
+        with pytest.raises(ValueError, match=r"got \(2, 2, 4\)\. \[B, T, C\] logits need every task multiclass, all"):
+            different(torch.zeros(2, 2, 4), torch.zeros(2, 2, dtype=torch.long))
         # The arguments still work beside plain Tasks: the argument's values are used.
         loss = MultiTaskLoss(["a", Task("d", kind="regression")], pos_weights=[2.0, 1.0], task_weights=[1.0, 0.5])
         assert loss.pos_weight.tolist() == [2.0, 1.0]
