@@ -556,6 +556,32 @@ def unchecked_multi_task_cross_entropy(
     return elements, labelled
 
 
+def multi_task_cross_entropy_sums(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""Per-task sums of softmax cross-entropy: :func:`multi_task_cross_entropy` summed over the batch.
+
+    .. math::
+        S_t = -\sum_{b} m_{bt}\, w_{bt} \log \mathrm{softmax}(x_{bt})_{y_{bt}}
+
+    Kept from version 0.1.0; labels of ``-100`` count as unlabelled, as in :func:`multi_task_cross_entropy`.
+
+    Shape:
+        - logits: ``(B, T, C)``; labels (class indices), mask: ``(B, T)``; weights: ``(B, T)`` or ``(B)``.
+        - output: ``(T)``.
+
+    Example:
+        >>> logits = torch.zeros(2, 1, 4)
+        >>> multi_task_cross_entropy_sums(logits, torch.tensor([[3], [0]]))
+        tensor([2.7726])
+    """
+    elements, _ = multi_task_cross_entropy(logits, labels, weights, mask)
+    return elements.sum(0)
+
+
 def multi_task_bce_elements(
     logits: torch.Tensor,
     labels: torch.Tensor,

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from losses import functional
 from losses._fused_bce import column_sums
@@ -188,3 +189,19 @@ class TestArgumentChecks:
             functional.cross_entropy(
                 torch.zeros(2, 3), torch.tensor([0, 1]), class_weight=torch.ones(3, requires_grad=True)
             )
+
+
+def test_multi_task_cross_entropy_sums_keeps_its_0_1_0_meaning():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 2, 4, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, 4, (6, 2), generator=gen)
+    weights = torch.rand(6, 2, generator=gen, dtype=torch.float64)
+    mask = torch.rand(6, 2, generator=gen) < 0.7
+    sums = functional.multi_task_cross_entropy_sums(logits, labels, weights, mask)
+    expected = torch.stack(
+        [
+            (F.cross_entropy(logits[:, t], labels[:, t], reduction="none") * weights[:, t] * mask[:, t]).sum()
+            for t in range(2)
+        ]
+    )
+    torch.testing.assert_close(sums, expected)
