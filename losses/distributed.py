@@ -88,3 +88,22 @@ class GroupHandle:
 
     def __reduce__(self) -> tuple[type[GroupHandle], tuple[None, bool]]:
         return GroupHandle, (None, self.group is not None or self.left_behind)
+
+
+class HoldsProcessGroup:
+    """The ``process_group`` attribute of a module whose collectives run on one group.
+
+    Checked when set, and kept in a :class:`GroupHandle`, so that ``deepcopy`` shares the group and
+    pickling leaves it behind.
+    """
+
+    _group: GroupHandle
+
+    @property
+    def process_group(self) -> Optional[ProcessGroup]:
+        """The ranks this module's collectives run on (``None``: every rank)."""
+        return self._group.group
+
+    @process_group.setter
+    def process_group(self, group: Optional[ProcessGroup]) -> None:
+        self._group = GroupHandle(check_group("process_group", group))

@@ -95,7 +95,7 @@ def _from_specs(
     return tensor
 
 
-class MultiTaskLoss(nn.Module):
+class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
     r"""Creates a criterion that computes one loss per task over a ``[B, T]`` block and reduces them.
 
     For task :math:`t` with labelled entries :math:`m_{bt} \in \{0, 1\}` and per-sample weights
@@ -230,7 +230,7 @@ class MultiTaskLoss(nn.Module):
         )
         self.normalize: Normalize = v.check_choice("normalize", normalize, NORMALIZATIONS)  # type: ignore[assignment]
         self.check_inputs = bool(check_inputs)
-        self._group = distributed.GroupHandle(distributed.check_group("process_group", process_group))
+        self.process_group = process_group
         num_tasks = len(self.tasks)
         kinds = ["multiclass" if spec is None else spec.kind for spec in specs]
         binary = [kind == "binary" for kind in kinds]
@@ -300,15 +300,6 @@ class MultiTaskLoss(nn.Module):
             and isinstance(only, GROUPS["binary"])
             and all(getattr(only, name) is None for name in ("focal_gamma", "label_smoothing", "neg_sampling_rate"))
         )
-
-    @property
-    def process_group(self) -> Optional[distributed.ProcessGroup]:
-        """The group ``normalize="global"`` sums counts over (``None``: every rank)."""
-        return self._group.group
-
-    @process_group.setter
-    def process_group(self, group: Optional[distributed.ProcessGroup]) -> None:
-        self._group = distributed.GroupHandle(distributed.check_group("process_group", group))
 
     def extra_repr(self) -> str:
         return (

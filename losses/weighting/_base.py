@@ -12,7 +12,7 @@ from losses import _validation as v
 from losses import distributed
 
 
-class TaskWeighting(nn.Module):
+class TaskWeighting(distributed.HoldsProcessGroup, nn.Module):
     r"""Base class of the task weightings: turns the task losses into one weighted training loss.
 
     A method maps the vector of task losses :math:`L \in \mathbb{R}^T` (detached: weights are
@@ -48,15 +48,6 @@ class TaskWeighting(nn.Module):
         self._loss_keys = tuple(f"loss/{task}" for task in self.tasks)
         self._weight_keys = tuple(f"weight/{task}" for task in self.tasks)
         self._known_keys = frozenset((*self._loss_keys, "loss"))
-
-    @property
-    def process_group(self) -> Optional[distributed.ProcessGroup]:
-        """The ranks whose task losses are averaged (``None``: every rank)."""
-        return self._group.group
-
-    @process_group.setter
-    def process_group(self, group: Optional[distributed.ProcessGroup]) -> None:
-        self._group = distributed.GroupHandle(distributed.check_group("process_group", group))
 
     def extra_repr(self) -> str:
         return f"tasks={list(self.tasks)}"
