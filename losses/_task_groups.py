@@ -101,6 +101,20 @@ class TaskGroup(nn.Module):
         super().__init__()
         #: The row's tasks' positions in the task order, for messages.
         self.positions = tuple(positions)
+        #: Each task's first column in a ``[B, D]`` block with other rows, for messages; ``None``
+        #: when the row is the whole block, whose indices are the caller's own.
+        self.logit_starts: Optional[tuple[int, ...]] = None
+
+    def task_index(self, index: tuple[int, ...]) -> tuple[int, ...]:
+        """The block's ``[B, T]`` index of an entry ``(b, t_k)`` of the row's labels, weights or mask."""
+        return (index[0], self.positions[index[1]], *index[2:])
+
+    def logit_index(self, index: tuple[int, ...]) -> tuple[int, ...]:
+        """The index in the logits the caller passed of an entry of the row's (prepared) logits."""
+        if self.logit_starts is None:
+            return index
+        # (b, t_k) for one column per task, (b, t_k, c) for a multi-class task's class c.
+        return (index[0], self.logit_starts[index[1]] + (index[2] if len(index) > 2 else 0))
 
     def prepare(self, logits: torch.Tensor) -> torch.Tensor:
         """The row's logits in the shape its math takes (``[B, T_k]`` unless the kind has classes)."""
@@ -128,8 +142,8 @@ class TaskGroup(nn.Module):
     def check_values(self, inputs: Inputs) -> None:
         """The opt-in value checks (``check_inputs=True``) of labelled entries; they wait for the device."""
         logits, labels, _, mask = inputs
-        v.check_values("logits", logits, where=mask)
-        v.check_values("labels", labels, where=mask)
+        v.check_values("logits", logits, where=mask, index_map=self.logit_index)
+        v.check_values("labels", labels, where=mask, index_map=self.task_index)
 
 
 def _vector(values: Sequence[float], default: float) -> Optional[torch.Tensor]:
@@ -202,8 +216,8 @@ class BinaryTasks(TaskGroup):
 
     def check_values(self, inputs: Inputs) -> None:
         logits, labels, _, mask = inputs
-        v.check_values("labels", labels, low=0, high=1, where=mask)
-        v.check_values("logits", logits, where=mask)
+        v.check_values("labels", labels, low=0, high=1, where=mask, index_map=self.task_index)
+        v.check_values("logits", logits, where=mask, index_map=self.logit_index)
 
 
 class MulticlassTasks(TaskGroup):
@@ -271,7 +285,15 @@ class MulticlassTasks(TaskGroup):
         logits, labels, _, mask = inputs
         labelled = self.labelled(labels, mask)
         assert labelled is not None
-        v.check_values("labels", labels, low=0, high=logits.shape[-1] - 1, where=mask, allowed=functional.IGNORE_INDEX)
+        v.check_values(
+            "labels",
+            labels,
+            low=0,
+            high=logits.shape[-1] - 1,
+            where=mask,
+            allowed=functional.IGNORE_INDEX,
+            index_map=self.task_index,
+        )
         # Beyond that check: whole numbers (float labels of a [B, D] block), each task's own class count.
         if (
             (labels.is_floating_point() or self.num_classes is not None)
@@ -289,7 +311,7 @@ class MulticlassTasks(TaskGroup):
                     f"task, or {functional.IGNORE_INDEX}; got {int(bad.sum())} entries that are not, the first at "
                     f"index {(row, self.positions[column])}: {labels[row, column].item()!r}."
                 )
-        v.check_values("logits", logits, where=labelled.unsqueeze(-1).expand_as(logits))
+        v.check_values("logits", logits, where=labelled.unsqueeze(-1).expand_as(logits), index_map=self.logit_index)
 
 
 class RegressionTasks(TaskGroup):

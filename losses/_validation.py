@@ -8,7 +8,7 @@ when a loss was built with ``check_inputs=True``.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional, Protocol, Union, overload
 
 import torch
@@ -214,15 +214,22 @@ def task_names(tasks: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-def _first_bad(name: str, tensor: torch.Tensor, bad: torch.Tensor, expectation: str) -> None:
+#: Maps an index into the checked tensor to the index the caller's user knows (a part of a block to the block).
+IndexMap = Callable[[tuple[int, ...]], tuple[int, ...]]
+
+
+def _first_bad(
+    name: str, tensor: torch.Tensor, bad: torch.Tensor, expectation: str, index_map: Optional[IndexMap] = None
+) -> None:
     # Reading `bad` waits for the device: only called when the caller opted in to value checks.
     count = int(bad.sum())
     if count:
         index = tuple(int(i) for i in bad.nonzero()[0])
         value = tensor[index].item()
+        shown = index if index_map is None else index_map(index)
         raise ValueError(
             f"Expected `{name}` to be {expectation}, got {count} entries that are not, "
-            f"the first at index {index}: {value!r}."
+            f"the first at index {shown}: {value!r}."
         )
 
 
@@ -234,13 +241,15 @@ def check_values(
     high: Optional[float] = None,
     where: Optional[torch.Tensor] = None,
     allowed: Optional[int] = None,
+    index_map: Optional[IndexMap] = None,
 ) -> None:
     """Opt-in value check (it synchronizes with the device): finite and within ``[low, high]``.
 
     ``where`` restricts the check to the entries where it is true; ``allowed`` is one extra value
-    that passes (an ``ignore_index``). A ``meta`` tensor holds no values and is not checked, and
-    nothing is checked while ``torch.compile`` traces: a check reads values, which a compiled
-    graph cannot branch on.
+    that passes (an ``ignore_index``); ``index_map`` turns the index of the first bad entry
+    into the one the message shows (the block's index of an entry of a part of it). A ``meta``
+    tensor holds no values and is not checked, and nothing is checked while ``torch.compile``
+    traces: a check reads values, which a compiled graph cannot branch on.
     """
     check_real_tensors(**{name: tensor})
     if tensor.device.type == "meta" or torch.compiler.is_compiling():
@@ -261,4 +270,4 @@ def check_values(
         bounds += f" in [{'-inf' if low is None else low}, {'inf' if high is None else high}]"
     if allowed is not None:
         bounds += f" or {allowed}"
-    _first_bad(name, tensor, bad, bounds)
+    _first_bad(name, tensor, bad, bounds, index_map)

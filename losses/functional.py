@@ -538,6 +538,10 @@ def unchecked_multi_task_cross_entropy(
     if num_classes is not None:
         padding = torch.arange(x.shape[0], device=logits.device).unsqueeze(-1) >= num_classes  # [C, T]
         x = x.masked_fill_(padding.unsqueeze(1), -torch.inf)
+        # A label in a task's padding (its class count or more) would pick a -inf log-probability
+        # and make the loss a silent NaN: point it past the padded width instead, so that it gets
+        # torch's own out-of-range error, like any other class index outside [0, C).
+        safe_labels = torch.where(safe_labels < num_classes, safe_labels, x.shape[0])
     log_p = F.log_softmax(x, dim=0)
     picked = log_p.gather(0, safe_labels.unsqueeze(0)).squeeze(0)
     if label_smoothing is None:

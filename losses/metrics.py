@@ -338,4 +338,10 @@ def sync_for_checkpoint(module: nn.Module) -> None:
         >>> resumed.train_loss.compute()
         tensor(0.5000, dtype=torch.float64)
     """
+    if not isinstance(module, nn.Module):
+        # A list or dict of metrics would fail deep inside with an AttributeError.
+        raise TypeError(
+            f"Expected `module` to be a torch.nn.Module (a model or a metric), got {type(module).__name__}; "
+            "put several metrics in an nn.ModuleList or nn.ModuleDict."
+        )
     sync_sum_metrics(metric for metric in module.modules() if isinstance(metric, SumMetric))

@@ -289,6 +289,9 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
                 groups.append(group(members, [specs[t] for t in members]))
                 positions.append(members)
                 logit_columns.append([starts[t] + c for t in members for c in range(widths[t] or 1)])
+        if len(groups) > 1:  # the rows' logits are parts of the block: messages show the block's columns
+            for row in groups:
+                row.logit_starts = tuple(starts[t] for t in row.positions)
         self.kinds = nn.ModuleList(groups)
         # The same rows as a tuple, read in forward: indexing a ModuleList costs a microsecond a call.
         self._groups: tuple[TaskGroup, ...] = tuple(groups)
@@ -455,7 +458,7 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
             group.check_values(row)
             row_weights, row_mask = row[2], row[3]
             if row_weights is not None and row_weights.ndim == 2:
-                v.check_values("weights", row_weights, low=0, where=row_mask)
+                v.check_values("weights", row_weights, low=0, where=row_mask, index_map=group.task_index)
         if weights is not None and weights.ndim == 1:
             v.check_values("weights", weights, low=0)
 
