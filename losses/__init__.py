@@ -16,7 +16,7 @@ from losses.weighting import (
     UncertaintyWeighting,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BCEWithLogitsLoss",
