@@ -485,3 +485,26 @@ def test_uncertainty_parameters_stay_equal_on_every_rank(on_two_ranks):
     # The log-variance gradient is averaged by DDP like any other: the same on both ranks.
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a["grads"][-1], b["grads"][-1])
+
+
+@pytest.mark.parametrize("make", [lambda tasks: DynamicWeightAverage(tasks, window=2), RandomLossWeighting])
+def test_stepping_weightings_compile_without_a_graph_per_step(make: object) -> None:
+    # Their step count is host state; traced, it was a constant of the graph: one recompilation per
+    # step, then torch.compile's limit (a hard error with fullgraph=True, at step 9).
+    import torch._dynamo
+
+    tasks = ["click", "reply", "dwell"]
+    eager = MultiTaskLoss(tasks, weighting=make(tasks))  # type: ignore[operator]
+    module = MultiTaskLoss(tasks, weighting=make(tasks))  # type: ignore[operator]
+    compiled = torch.compile(module, backend="eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    generator = torch.Generator().manual_seed(0)
+    labels = (torch.rand(16, 3, generator=generator) > 0.5).float()
+    for step in range(12):
+        logits = torch.randn(16, 3, generator=generator) * (1 + step)
+        expected, got = eager(logits, labels), compiled(logits, labels)
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], msg=f"{key} at step {step}")
+    assert getattr(module.weighting, "steps", None) == getattr(eager.weighting, "steps", None) == 12
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4

@@ -116,7 +116,11 @@ class DynamicWeightAverage(TaskWeighting):
         # A copy: the buffer may be updated below while this step's graph still holds its weights.
         weights = self.weight.clone()
         if self.training:
-            self._record(task_losses)
+            # The step count is host state: traced, it would be a constant of the compiled graph,
+            # recompiled at every step until torch.compile gives up. It runs outside the graph.
+            (_record_outside_graph if torch.compiler.is_compiling() else DynamicWeightAverage._record)(
+                self, task_losses
+            )
         return weights
 
     def _record(self, task_losses: torch.Tensor) -> None:
@@ -143,3 +147,7 @@ class DynamicWeightAverage(TaskWeighting):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
         self._window_sum = state["window_sum"].to(self._window_sum)
+
+
+#: ``_record`` for a call inside ``torch.compile``: a graph break instead of a graph per step.
+_record_outside_graph = torch.compiler.disable(DynamicWeightAverage._record)

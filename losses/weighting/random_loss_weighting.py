@@ -85,12 +85,23 @@ class RandomLossWeighting(TaskWeighting):
     def weights(self, task_losses: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return torch.full_like(task_losses, 1.0 / len(self.tasks))
+        # The draw (a CPU generator) and the step count are host work: inside torch.compile they
+        # run outside the graph, which could neither trace the generator nor keep the count.
+        step = _step_outside_graph if torch.compiler.is_compiling() else RandomLossWeighting._step
+        return step(self).to(task_losses.device)
+
+    def _step(self) -> torch.Tensor:
+        """This step's weights (float64, CPU), and one step more."""
         weights = random_loss_weights(len(self.tasks), self.seed, self.steps)
         self.steps += 1
-        return weights.to(task_losses.device)
+        return weights
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"steps": self.steps}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
+
+
+#: ``_step`` for a call inside ``torch.compile``: a graph break instead of an untraceable generator.
+_step_outside_graph = torch.compiler.disable(RandomLossWeighting._step)
