@@ -150,4 +150,4 @@ class DynamicWeightAverage(TaskWeighting):
 
 
 #: ``_record`` for a call inside ``torch.compile``: a graph break instead of a graph per step.
-_record_outside_graph = torch.compiler.disable(DynamicWeightAverage._record)
+_record_outside_graph = torch.compiler.disable(DynamicWeightAverage._record)  # type: ignore[no-untyped-call]

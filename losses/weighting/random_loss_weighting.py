@@ -104,4 +104,4 @@ class RandomLossWeighting(TaskWeighting):
 
 
 #: ``_step`` for a call inside ``torch.compile``: a graph break instead of an untraceable generator.
-_step_outside_graph = torch.compiler.disable(RandomLossWeighting._step)
+_step_outside_graph = torch.compiler.disable(RandomLossWeighting._step)  # type: ignore[no-untyped-call]
