@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 from typing import Any, Optional, Union
@@ -30,11 +31,12 @@ WINDOW_SLOTS = 10
 def _check_window(window: Optional[int]) -> Optional[int]:
     if window is None:
         return None
-    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+    given: Any = window  # typed int, but a NumPy integer is one too (as for losses.Task)
+    if isinstance(given, bool) or not isinstance(given, numbers.Integral) or given <= 0:
         raise ValueError(
             f"Expected argument `window` to be None or a positive int (samples over all ranks), got {window!r}."
         )
-    return window
+    return int(given)
 
 
 def _check_rates(rates: Optional[v.TensorLike], num_tasks: int) -> Optional[tuple[float, ...]]:

@@ -96,3 +96,26 @@ def test_sync_for_checkpoint_refuses_what_is_not_a_module() -> None:
         with pytest.raises(TypeError, match="Expected `module` to be a torch.nn.Module"):
             sync_for_checkpoint(wrong)  # type: ignore[arg-type]
     sync_for_checkpoint(torch.nn.ModuleList([metrics]))  # the way to pass several
+
+
+def test_numpy_scalars_are_numbers_for_the_weightings_and_the_window() -> None:
+    # losses.Task takes NumPy scalars; these used to refuse them with a TypeError ("got int64").
+    import numpy as np
+
+    from losses.weighting import DynamicWeightAverage, RandomLossWeighting, UncertaintyWeighting
+
+    dwa = DynamicWeightAverage(["a"], temperature=np.float32(0.5), window=np.int64(3))
+    assert (dwa.temperature, dwa.window) == (0.5, 3)
+    assert type(dwa.window) is int
+    rlw = RandomLossWeighting(["a", "b"], seed=np.int64(2**32 - 1))
+    assert type(rlw.seed) is int
+    assert torch.isfinite(rlw({"loss/a": torch.tensor(1.0), "loss/b": torch.tensor(2.0)})["loss"])
+    uw = UncertaintyWeighting(["a", "b"], init=[np.float64(0.5), np.float32(1.0)])
+    torch.testing.assert_close(uw.log_variance.detach(), torch.tensor([0.5, 1.0]))
+    assert UncertaintyWeighting(["a"], init=np.float32(2.0)).log_variance.item() == 2.0
+    metrics = MultiTaskRankingMetrics(["a"], window=np.int64(100))
+    assert metrics.window == 100
+    assert type(metrics.window) is int
+    for wrong in (True, 2.0):
+        with pytest.raises(TypeError, match="`window`"):
+            DynamicWeightAverage(["a"], window=wrong)  # type: ignore[arg-type]

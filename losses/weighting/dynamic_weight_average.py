@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -92,16 +93,18 @@ class DynamicWeightAverage(TaskWeighting):
         process_group: Optional[distributed.ProcessGroup] = None,
     ) -> None:
         super().__init__(tasks, process_group=process_group)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        # Typed float and int, but NumPy scalars are numbers too (as for losses.Task).
+        given: tuple[Any, Any] = (temperature, window)
+        if isinstance(given[0], bool) or not isinstance(given[0], numbers.Real):
             raise TypeError(f"Expected `temperature` to be a positive float, got {type(temperature).__name__}.")
         if not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"Expected `temperature` to be positive and finite, got {temperature!r}.")
-        if isinstance(window, bool) or not isinstance(window, int):
+        if isinstance(given[1], bool) or not isinstance(given[1], numbers.Integral):
             raise TypeError(f"Expected `window` to be a positive int, got {type(window).__name__}.")
         if window < 1:
             raise ValueError(f"Expected `window` to be a positive int, got {window}.")
         self.temperature = float(temperature)
-        self.window = window
+        self.window = int(window)  # a NumPy integer as a plain int: it is saved and compared on the host
         num_tasks = len(self.tasks)
         self.register_buffer("window_mean", torch.zeros(2, num_tasks))
         self.register_buffer("weight", torch.ones(num_tasks))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -72,11 +73,12 @@ class RandomLossWeighting(TaskWeighting):
         self, tasks: Sequence[str], *, seed: int = 0, process_group: Optional[distributed.ProcessGroup] = None
     ) -> None:
         super().__init__(tasks, process_group=process_group)
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        given: Any = seed  # typed int, but a NumPy integer is one too (as for losses.Task)
+        if isinstance(given, bool) or not isinstance(given, numbers.Integral):
             raise TypeError(f"Expected `seed` to be an int in [0, 2**32), got {type(seed).__name__}.")
         if not 0 <= seed < _SEED_LIMIT:
             raise ValueError(f"Expected `seed` to be an int in [0, 2**32), got {seed}.")
-        self.seed = seed
+        self.seed = int(seed)  # a NumPy integer as a plain int: seed * 2**32 must not overflow
         self.steps = 0
 
     def extra_repr(self) -> str:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -17,10 +18,11 @@ FORM_FACTORS = {"classification": 1.0, "regression": 0.5}
 
 
 def _initial_log_variances(init: Union[float, Sequence[float]], num_tasks: int) -> torch.Tensor:
-    if isinstance(init, (int, float)) and not isinstance(init, bool):
-        values = [float(init)] * num_tasks
-    elif isinstance(init, Sequence) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in init):
-        values = [float(value) for value in init]
+    given: Any = init  # typed float, but NumPy scalars are numbers too (as for losses.Task)
+    if not isinstance(given, bool) and isinstance(given, numbers.Real):
+        values = [float(given)] * num_tasks
+    elif isinstance(given, Sequence) and all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in given):
+        values = [float(value) for value in given]
     else:
         raise TypeError(f"Expected `init` to be a float or one float per task, got {init!r}.")
     if len(values) != num_tasks:
