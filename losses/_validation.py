@@ -166,6 +166,19 @@ def check_real_tensors(**tensors: Any) -> None:
             raise TypeError(f"Expected `{name}` to hold real numbers, got dtype {value.dtype}.")
 
 
+def check_same_device(logits: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
+    """Raise a ``ValueError`` naming the first tensor that is not on the device of ``logits`` (reads no data).
+
+    Meta logits (shape inference) take the other tensors from anywhere.
+    """
+    device = logits.device
+    if device.type == "meta":
+        return
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != device:
+            raise ValueError(f"Expected `{name}` on the device of `logits` ({device}), got {tensor.device}.")
+
+
 def check_loss_arguments(reduction: Any, label_smoothing: Any, **tensors: Any) -> None:
     """The checks of a single-task loss function: its options, then its tensors (see :func:`check_real_tensors`)."""
     check_choice("reduction", reduction, ELEMENT_REDUCTIONS)

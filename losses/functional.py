@@ -283,6 +283,8 @@ def check_multi_task_inputs(
         if mask.dtype != torch.bool:
             raise TypeError(f"Expected `mask` to be a bool tensor, got dtype {mask.dtype}.")
         v.check_same_shape("mask", mask, block, "logits" if not num_class_dims else "labels")
+    # Free, and torch's own error for a CPU label beside CUDA logits names no argument.
+    v.check_same_device(logits, labels=labels, weights=weights, mask=mask)
 
 
 def _check_multi_task_call(

@@ -169,7 +169,8 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
     ``model.to(...)`` and sit in the model's ``state_dict``. The options of Task specs (focal
     parameters, smoothing, sampling rates, column maps) are buffers of the submodule ``kinds``, one
     row per kind, not persistent: they follow ``.to()`` and come from the specs, not the checkpoint,
-    so a ``state_dict`` has the same two keys whatever the tasks. Logits on another device than the
+    so a ``state_dict`` has the same two keys whatever the tasks. Labels, weights or a mask on
+    another device than the logits are a ``ValueError`` naming them. Logits on another device than the
     buffers are a ``ValueError``, except ``meta`` logits: shape inference works without moving the
     loss (with ``check_inputs=True`` too, whose value checks skip meta tensors). Reductions other than ``mean`` warn
     once, at construction: only ``mean`` gives DDP gradients equal to single-process gradients.
@@ -498,3 +499,4 @@ def _check_block(
         if mask.dtype != torch.bool:
             raise TypeError(f"Expected `mask` to be a bool tensor, got dtype {mask.dtype}.")
         v.check_same_shape("mask", mask, torch.Size(block), "labels")
+    v.check_same_device(logits, labels=labels, weights=weights, mask=mask)

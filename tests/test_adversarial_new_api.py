@@ -119,3 +119,30 @@ def test_numpy_scalars_are_numbers_for_the_weightings_and_the_window() -> None:
     for wrong in (True, 2.0):
         with pytest.raises(TypeError, match="`window`"):
             DynamicWeightAverage(["a"], window=wrong)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("argument", ["labels", "weights", "mask"])
+def test_a_batch_tensor_on_another_device_than_the_logits_is_named(argument: str) -> None:
+    # On this CPU machine "meta" stands for the other device (CPU labels beside CUDA logits).
+    def batch(width: int, tasks: int) -> dict[str, torch.Tensor]:
+        inputs = {
+            "logits": torch.zeros(4, width),
+            "labels": torch.zeros(4, tasks),
+            "weights": torch.ones(4, tasks),
+            "mask": torch.ones(4, tasks, dtype=torch.bool),
+        }
+        inputs[argument] = inputs[argument].to("meta")
+        return inputs
+
+    for module, width, tasks in (
+        (MultiTaskLoss(["a", "b"]), 2, 2),
+        (MultiTaskLoss(INTERLEAVED), 8, 5),
+        (MultiTaskLoss([Task("a"), Task("r", kind="regression")]), 2, 2),
+        (MultiTaskRankingMetrics(["a", "b"]), 2, 2),
+    ):
+        inputs = batch(width, tasks)
+        with pytest.raises(ValueError, match=f"Expected `{argument}` on the device of `logits` \\(cpu\\), got meta"):
+            module(inputs["logits"], inputs["labels"], inputs["weights"], inputs["mask"])
+    # Shape inference on meta tensors, with the loss's buffers left on the CPU, still works.
+    meta = MultiTaskLoss(INTERLEAVED)(torch.zeros(4, 8, device="meta"), torch.zeros(4, 5, device="meta"))
+    assert meta["loss"].is_meta
