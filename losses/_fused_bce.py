@@ -48,6 +48,18 @@ _ROW_GROUP = 256
 _TWO_LEVEL_ROWS = 8192
 
 
+def _weigh_and_mask_(
+    block: torch.Tensor, weights: Optional[torch.Tensor], mask: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """``block`` times ``weights``, 0 where ``mask`` is false; in place (``block`` is a fresh buffer)."""
+    if weights is not None:
+        block.mul_(weights)
+    if mask is not None:
+        # Filling, not multiplying: an unlabelled entry may hold a NaN label, and NaN * 0 is NaN.
+        block.masked_fill_(mask.logical_not(), 0.0)
+    return block
+
+
 def _element_losses(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -77,12 +89,7 @@ def _element_losses(
         weighted.mul_(losses)
         losses = torch.sub(ones, y, out=losses).mul_(x).sub_(weighted)
         del weighted
-    if weights is not None:
-        losses.mul_(weights)
-    if mask is not None:
-        # Filling, not multiplying: an unlabelled entry may hold a NaN label, and NaN * 0 is NaN.
-        losses.masked_fill_(mask.logical_not(), 0.0)
-    return losses
+    return _weigh_and_mask_(losses, weights, mask)
 
 
 def _element_gradients(
@@ -124,11 +131,7 @@ def _focal_element_losses(
     positive = torch.mul(gamma, log_q).exp_().mul_(log_s).mul_(y).mul_(pos_factor)
     negative = torch.mul(gamma, log_s).exp_().mul_(log_q).mul_(1.0 - y).mul_(neg_factor)
     losses = positive.add_(negative).neg_()
-    if weights is not None:
-        losses.mul_(weights)
-    if mask is not None:
-        losses.masked_fill_(mask.logical_not(), 0.0)
-    return losses
+    return _weigh_and_mask_(losses, weights, mask)
 
 
 def _focal_element_gradients(
@@ -159,11 +162,7 @@ def _focal_element_gradients(
     negative.mul_(log_s.mul_(gamma).exp_()).mul_(1.0 - y).mul_(neg_factor)
     positive.mul_(log_q.mul_(gamma).exp_()).mul_(y).mul_(pos_factor)
     grad = negative.sub_(positive).mul_(task_scale)
-    if weights is not None:
-        grad.mul_(weights)
-    if mask is not None:
-        grad.masked_fill_(mask.logical_not(), 0.0)
-    return grad
+    return _weigh_and_mask_(grad, weights, mask)
 
 
 class MultiTaskBCE(torch.autograd.Function):
