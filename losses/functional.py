@@ -270,6 +270,22 @@ def check_multi_task_inputs(
             )
     else:
         v.check_same_shape("labels", labels, block, "logits")
+    check_weights_and_mask(logits, labels, weights, mask, block, "logits" if not num_class_dims else "labels")
+
+
+def check_weights_and_mask(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    block: torch.Size,
+    mask_like: str,
+) -> None:
+    """The checks every multi-task layout shares once its ``[B, T]`` label block is known.
+
+    Labels and weights must not require grad, weights are ``[B, T]`` or ``[B]``, the mask is a bool
+    ``[B, T]`` (shaped like the argument ``mask_like``), and everything sits on the logits' device.
+    """
     # The fused BCE gradient covers the logits only; one rule for every kind: no silently missing gradient.
     for name, tensor in (("labels", labels), ("weights", weights)):
         v.check_no_grad(name, tensor, "MultiTaskLoss differentiates with respect to `logits` only.")
@@ -282,7 +298,7 @@ def check_multi_task_inputs(
     if mask is not None:
         if mask.dtype != torch.bool:
             raise TypeError(f"Expected `mask` to be a bool tensor, got dtype {mask.dtype}.")
-        v.check_same_shape("mask", mask, block, "logits" if not num_class_dims else "labels")
+        v.check_same_shape("mask", mask, block, mask_like)
     # Free, and torch's own error for a CPU label beside CUDA logits names no argument.
     v.check_same_device(logits, labels=labels, weights=weights, mask=mask)
 

@@ -485,18 +485,10 @@ def _check_block(
                 else "."
             )
         )
-    block = (logits.shape[0], num_tasks)
+    block = torch.Size((logits.shape[0], num_tasks))
     if labels.shape != block:
         raise ValueError(
-            f"Expected `labels` of shape [B, T] {block}, one label per task (a class index for a multiclass task), "
-            f"got {tuple(labels.shape)}."
+            f"Expected `labels` of shape [B, T] {tuple(block)}, one label per task (a class index for a multiclass "
+            f"task), got {tuple(labels.shape)}."
         )
-    for name, tensor in (("labels", labels), ("weights", weights)):
-        v.check_no_grad(name, tensor, "MultiTaskLoss differentiates with respect to `logits` only.")
-    if weights is not None and weights.shape not in (block, block[:1]):
-        raise ValueError(f"Expected `weights` of shape [B, T] {block} or [B] {block[:1]}, got {tuple(weights.shape)}.")
-    if mask is not None:
-        if mask.dtype != torch.bool:
-            raise TypeError(f"Expected `mask` to be a bool tensor, got dtype {mask.dtype}.")
-        v.check_same_shape("mask", mask, torch.Size(block), "labels")
-    v.check_same_device(logits, labels=labels, weights=weights, mask=mask)
+    functional.check_weights_and_mask(logits, labels, weights, mask, block, "labels")
