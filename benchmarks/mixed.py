@@ -13,16 +13,13 @@ docs/performance.md.
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
 from collections.abc import Callable
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.timing import interleaved_medians
+from benchmarks.timing import section_main, wall_and_cpu_medians
 from losses import MultiTaskLoss, Task
 
 BATCH, BINARY, CLASSES = 65536, 14, 3
@@ -98,22 +95,10 @@ def _candidates() -> dict[str, Callable[[], object]]:
     }
 
 
-def _cpu_medians(candidates: dict[str, Callable[[], object]], rounds: int, calls: int = 5) -> dict[str, float]:
-    """Median CPU seconds (``time.process_time``) per call of each candidate over interleaved rounds."""
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            start = time.process_time()
-            for _ in range(calls):
-                fn()
-            samples[name].append((time.process_time() - start) / calls)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def bench_mixed(rounds: int = 9) -> dict[str, dict[str, float]]:
     """Median wall-clock and CPU seconds per call of every candidate."""
     candidates = _candidates()
-    return {"wall": interleaved_medians(candidates, rounds), "cpu": _cpu_medians(candidates, rounds)}
+    return wall_and_cpu_medians(candidates, rounds)
 
 
 def _floor(times: dict[str, float]) -> float:
@@ -155,15 +140,7 @@ def check_mixed(measured: dict[str, dict[str, float]]) -> list[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds (default 9)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    measured = bench_mixed(args.rounds)
-    lines = check_mixed(measured)
-    print(render_mixed(measured) + "\n" + "\n".join(lines))
-    return 0 if all(line.startswith("PASS") for line in lines) else 1
+    return section_main(argv, __doc__, bench_mixed, render_mixed, check_mixed)
 
 
 if __name__ == "__main__":

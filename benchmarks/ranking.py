@@ -11,15 +11,12 @@ docs/performance.md.
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
 from collections.abc import Callable
 from typing import Optional
 
 import torch
 
-from benchmarks.timing import interleaved_medians
+from benchmarks.timing import section_main, wall_and_cpu_medians
 from losses import MultiTaskLoss, MultiTaskRankingMetrics
 
 SHAPE = (65536, 16)
@@ -60,22 +57,10 @@ def _candidates(batch: int, tasks: int) -> dict[str, Callable[[], object]]:
     }
 
 
-def _cpu_medians(candidates: dict[str, Callable[[], object]], rounds: int, calls: int = 5) -> dict[str, float]:
-    """Median CPU seconds (``time.process_time``) per call of each candidate over interleaved rounds."""
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            start = time.process_time()
-            for _ in range(calls):
-                fn()
-            samples[name].append((time.process_time() - start) / calls)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def bench_ranking(rounds: int = 9) -> dict[str, dict[str, float]]:
     """Median wall-clock and CPU seconds per call of each candidate at :data:`SHAPE`."""
     candidates = _candidates(*SHAPE)
-    return {"wall": interleaved_medians(candidates, rounds), "cpu": _cpu_medians(candidates, rounds)}
+    return wall_and_cpu_medians(candidates, rounds)
 
 
 def render_ranking(measured: dict[str, dict[str, float]]) -> str:
@@ -114,15 +99,7 @@ def check_ranking(measured: dict[str, dict[str, float]]) -> list[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds (default 9)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    measured = bench_ranking(args.rounds)
-    lines = check_ranking(measured)
-    print(render_ranking(measured) + "\n" + "\n".join(lines))
-    return 0 if all(line.startswith("PASS") for line in lines) else 1
+    return section_main(argv, __doc__, bench_ranking, render_ranking, check_ranking)
 
 
 if __name__ == "__main__":
