@@ -166,6 +166,7 @@ class BinaryTasks(TaskGroup):
     focal_alpha: Optional[torch.Tensor]
     label_smoothing: Optional[torch.Tensor]
     neg_sampling_rate: Optional[torch.Tensor]
+    pointwise_weight: Optional[torch.Tensor]
 
     def __init__(self, positions: Sequence[int], tasks: Sequence[Optional[Task]]) -> None:
         super().__init__(positions, tasks)
@@ -183,6 +184,10 @@ class BinaryTasks(TaskGroup):
         self.register_buffer(
             "neg_sampling_rate", _vector([task.neg_sampling_rate for task in specs], 1.0), persistent=False
         )
+        # A ranking task's pointwise_weight scales its pointwise term (0: ranking only, graded labels allowed).
+        self.register_buffer(
+            "pointwise_weight", _vector([task.pointwise_weight for task in specs], 1.0), persistent=False
+        )
         #: The options some task sets: the others' math is skipped, and so is looking them up.
         self._used = tuple(
             name
@@ -198,14 +203,20 @@ class BinaryTasks(TaskGroup):
 
     def elements(self, inputs: Inputs, pos_weight: torch.Tensor) -> torch.Tensor:
         logits, labels, weights, mask = inputs
-        return functional.unchecked_multi_task_bce_elements(
+        elements = functional.unchecked_multi_task_bce_elements(
             logits, labels, pos_weight, weights, mask, **self._options(logits)
         )
+        if self.pointwise_weight is not None:
+            elements = elements * v.on_device_of("pointwise_weight", self.pointwise_weight, elements)
+        return elements
 
     def sums(
         self, inputs: Inputs, pos_weight: torch.Tensor, scale: Scale, task_weight: torch.Tensor, factor: Optional[float]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         logits, labels, weights, mask = inputs
+        if self.pointwise_weight is not None:
+            pointwise = v.on_device_of("pointwise_weight", self.pointwise_weight, logits)
+            scale = pointwise if scale is None else pointwise * scale
         if not self._used:  # plain BCE: the keyword arguments cost more than the tiny batches' math
             return functional.unchecked_multi_task_bce(
                 logits, labels, pos_weight, weights, mask, scale, task_weight, factor
@@ -216,7 +227,13 @@ class BinaryTasks(TaskGroup):
 
     def check_values(self, inputs: Inputs) -> None:
         logits, labels, _, mask = inputs
-        v.check_values("labels", labels, low=0, high=1, where=mask, index_map=self.task_index)
+        if self.pointwise_weight is not None:  # a ranking-only task (pointwise_weight 0) may have graded labels
+            graded = self.pointwise_weight.to(labels.device) == 0
+            v.check_values("labels", labels, low=0, where=mask, index_map=self.task_index)
+            pointwise = ~graded.expand_as(labels) if mask is None else mask & ~graded
+            v.check_values("labels", labels, high=1, where=pointwise, index_map=self.task_index)
+        else:
+            v.check_values("labels", labels, low=0, high=1, where=mask, index_map=self.task_index)
         v.check_values("logits", logits, where=mask, index_map=self.logit_index)
 
 

@@ -193,7 +193,9 @@ class MultiTaskGlobalLoss(DictSumMetric):
 
     The ``"weight/<task>"`` entries that a task weighting adds to the dict
     (``MultiTaskLoss(..., weighting=...)``) are accepted and not recorded: they are the same on
-    every rank, so log them as they are, each step (see :doc:`/logging`).
+    every rank, so log them as they are, each step (see :doc:`/logging`). The ``"ranking/<task>"``
+    entries of ranking tasks are accepted and not recorded either: each is already inside its
+    task's ``"loss/<task>"``; log them on their own if you want them (see :doc:`/ranking_losses`).
 
     The metric is also a read-only mapping from each key to a small metric of that entry alone
     (``metric["loss/fav"]``, ``metric.items()``), so ``self.log_dict(metric)`` in Lightning logs
@@ -203,7 +205,7 @@ class MultiTaskGlobalLoss(DictSumMetric):
     As input to ``forward`` and ``update``:
         - ``losses``: a mapping with the keys ``"loss/<task>"`` for each task and ``"loss"``, each a
           one-element tensor (shapes ``[]`` and ``[1]`` may mix), and optionally
-          ``"weight/<task>"`` entries, which are ignored; a missing key, or any other key, is a
+          ``"weight/<task>"`` and ``"ranking/<task>"`` entries, which are ignored; a missing key, or any other key, is a
           ``ValueError`` that names them.
         - ``weight``: a non-negative finite number or one-element tensor, the samples the batch
           stands for.
@@ -243,7 +245,9 @@ class MultiTaskGlobalLoss(DictSumMetric):
         self.set_result_keys((*(f"loss/{task}" for task in self.tasks), "loss"))
         self._key_set = frozenset(self.result_keys)
         # What a task weighting adds beside the losses; accepted, not recorded.
-        self._accepted_keys = self._key_set | {f"weight/{task}" for task in self.tasks}
+        self._accepted_keys = self._key_set | {
+            f"{kind}/{task}" for kind in ("weight", "ranking") for task in self.tasks
+        }
         self.add_sum_state("weighted_sums", len(self.result_keys))
         self.add_sum_state("total_weight")
         self.add_sum_state("invalid_weights")

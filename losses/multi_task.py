@@ -11,6 +11,7 @@ from torch import nn
 
 from losses import _validation as v
 from losses import distributed, functional
+from losses._ranking_terms import RankingTerms
 from losses._task_groups import GROUPS, Inputs, RowSplit, TaskGroup
 from losses.functional import GlobalReduction
 from losses.loss_type import LossType, parse_loss_type
@@ -127,6 +128,12 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
     group's size, so the average of the ranks' losses, which DDP's gradient averaging takes, is the
     exact mean over the global batch even when ranks hold different numbers of labelled entries.
 
+    A binary :class:`~losses.Task` with a ``ranking`` adds a pairwise or listwise term over the
+    rows of each group of ``forward``'s ``groups``: its loss is ``pointwise_weight * L_t +
+    ranking_weight * R_t``, ``R_t`` the ranking term (a mean over pairs or lists, counted over the
+    ranks with ``normalize="global"`` in the same ``all_reduce``), which the dict also holds,
+    detached, as ``"ranking/<task>"``; see ``docs/ranking_losses.rst``.
+
     All tasks of a kind are computed in one pass over the block (binary tasks in one autograd
     node with an analytic gradient); ``forward`` has no loop over tasks and never waits on the
     device (``normalize="global"`` runs its collective).
@@ -187,8 +194,11 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
         - mask: optional bool :math:`(B, T)`, true where a label exists. An entry it leaves out
           (or a cross-entropy label ``-100``) adds nothing to the loss, the count or the gradient,
           whatever its logits, label and weight hold (NaN and inf included).
+        - groups: optional integer :math:`(B)`, the group id (request, query, session) of each row,
+          any values in any order; required when a task has a ``ranking``.
         - output: a dict ``{"loss/<task>": scalar, ..., "loss": scalar}`` in task order; each task's
-          value is :math:`(B)` for ``task_loss_reduction="none"``. float32 for half precision.
+          value is :math:`(B)` for ``task_loss_reduction="none"``. float32 for half precision. Ranking
+          tasks add ``"ranking/<task>"`` entries after ``"loss"``.
 
     Examples:
         >>> loss = MultiTaskLoss(["fav", "reply"], pos_weights=[1.0, 4.0])
@@ -243,6 +253,12 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
         )
         self._build_groups(specs, kinds)
         self._keys = tuple(f"loss/{task}" for task in self.tasks)
+        if self.ranking is not None and self.task_loss_reduction == "none":
+            raise ValueError(
+                f"Expected `task_loss_reduction` to be 'mean' or 'sum' with ranking tasks {list(self.ranking.names)}: "
+                "a ranking term has no value per sample; got 'none'."
+            )
+        self._ranking_keys = () if self.ranking is None else tuple(f"ranking/{name}" for name in self.ranking.names)
         # mean and sum over tasks are a weighted sum, which each kind's pass computes itself;
         # min, max and median are taken from the task losses.
         factors = {"mean": 1.0 / num_tasks, "sum": 1.0}
@@ -297,10 +313,14 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
         # The same rows as a tuple, read in forward: indexing a ModuleList costs a microsecond a call.
         self._groups: tuple[TaskGroup, ...] = tuple(groups)
         self.split = RowSplit(positions, logit_columns)
+        ranked = any(spec is not None and spec.ranking is not None for spec in specs)
+        #: The tasks' ranking terms (``docs/ranking_losses.rst``), or ``None`` when no task has one.
+        self.ranking: Optional[RankingTerms] = RankingTerms(specs, starts) if ranked else None
         only = groups[0] if len(groups) == 1 else None
         # One plain binary task has nothing to fuse: torch's own BCE call is the cheapest way.
         self._one_plain_task = (
             num_tasks == 1
+            and not ranked
             and isinstance(only, GROUPS["binary"])
             and all(getattr(only, name) is None for name in ("focal_gamma", "label_smoothing", "neg_sampling_rate"))
         )
@@ -318,9 +338,14 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
         labels: torch.Tensor,
         weights: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
+        groups: Optional[torch.Tensor] = None,
     ) -> dict[str, torch.Tensor]:
-        losses = self._losses(logits, labels, weights, mask)
-        return losses if self.weighting is None else self.weighting(losses)
+        losses = self._losses(logits, labels, weights, mask, group_ids=groups)
+        if self.weighting is None:
+            return losses
+        # The weighting combines the task losses; the ranking terms, logged beside them, pass by it.
+        ranking = {key: losses.pop(key) for key in self._ranking_keys}
+        return {**self.weighting(losses), **ranking}
 
     def _losses(
         self,
@@ -328,8 +353,10 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
         labels: torch.Tensor,
         weights: Optional[torch.Tensor],
         mask: Optional[torch.Tensor],
+        group_ids: Optional[torch.Tensor] = None,
     ) -> dict[str, torch.Tensor]:
         self._check_shapes(logits, labels, weights, mask)
+        ranking = None if self.ranking is None else self.ranking.sums(logits, labels, weights, mask, group_ids)
         pos_weight = v.on_device_of("pos_weight", self.pos_weight, logits)
         task_weight = v.on_device_of("task_weight", self.task_weight, logits)
         if self._one_plain_task and mask is None and (self.normalize == "local" or not distributed.is_distributed()):
@@ -355,8 +382,10 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
             if self.task_loss_reduction == "none":
                 elements = group.elements(row, pos_weight)
                 return self._result(elements.unbind(1), elements.t(), task_weight)
-            scale = self._task_scale((row[3],), logits)
+            scale, ranking_scale = self._task_scale((row[3],), logits, ranking)
             task_losses, total = group.sums(row, pos_weight, scale, task_weight, factor)
+            if ranking is not None:
+                return self._with_ranking(task_losses, total, task_weight, ranking[0], ranking_scale)
             return self._result(task_losses.unbind(), task_losses, task_weight, None if factor is None else total)
         # Each row takes its own columns; a row may leave out more entries than the mask (label -100).
         split = self.split
@@ -379,19 +408,21 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
             parts = [group.elements(row, p) for group, row, p in zip(groups, rows, pos_weights, strict=True)]
             joined = split.join(parts, dim=1)
             return self._result(joined.unbind(1), joined.t(), task_weight)
-        scale = self._task_scale([row[3] for row in rows], logits)
+        scale, ranking_scale = self._task_scale([row[3] for row in rows], logits, ranking)
         scales = split.vector(scale) if isinstance(scale, torch.Tensor) else [scale] * len(groups)
         sums = [
             group.sums(row, p, s, tau, factor)
             for group, row, p, s, tau in zip(groups, rows, pos_weights, scales, split.vector(task_weight), strict=True)
         ]
         task_losses = split.join([part for part, _ in sums], dim=0)
-        if factor is None:
-            return self._result(task_losses.unbind(), task_losses, task_weight)
         # The global mean and sum are linear in the task losses: the sum of the rows' totals.
         total = sums[0][1]
         for _, row_total in sums[1:]:
             total = total + row_total
+        if ranking is not None:
+            return self._with_ranking(task_losses, total, task_weight, ranking[0], ranking_scale)
+        if factor is None:
+            return self._result(task_losses.unbind(), task_losses, task_weight)
         return self._result(task_losses.unbind(), task_losses, task_weight, total)
 
     def _check_shapes(
@@ -425,18 +456,51 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
         )
         return losses
 
-    def _task_scale(self, masks: Sequence[Optional[torch.Tensor]], logits: torch.Tensor) -> Scale:
+    def _with_ranking(
+        self,
+        task_losses: torch.Tensor,
+        total: torch.Tensor,
+        task_weight: torch.Tensor,
+        ranking_sums: torch.Tensor,
+        ranking_scale: Scale,
+    ) -> dict[str, torch.Tensor]:
+        """The output dict with each ranked task's ``ranking_weight * ranking`` added, and ``"ranking/<task>"``."""
+        assert self.ranking is not None
+        terms = ranking_sums if ranking_scale is None else ranking_sums * ranking_scale
+        positions = v.on_device_of("positions", self.ranking.positions, task_losses)
+        added = terms * v.on_device_of("ranking_weight", self.ranking.ranking_weight, terms)
+        task_losses = task_losses.index_add(0, positions, added.to(task_losses.dtype))
+        result = self._result(
+            task_losses.unbind(),
+            task_losses,
+            task_weight,
+            None
+            if self._global_factor is None
+            else total + torch.dot(added, task_weight.index_select(0, positions).to(added.dtype)) * self._global_factor,
+        )
+        result.update(zip(self._ranking_keys, terms.detach().unbind(), strict=True))
+        return result
+
+    def _task_scale(
+        self,
+        masks: Sequence[Optional[torch.Tensor]],
+        logits: torch.Tensor,
+        ranking: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> tuple[Scale, Scale]:
         """What multiplies each task's sum: one over its labelled count for ``mean``, nothing for ``sum``.
 
-        ``masks`` holds each row's labelled entries (``None``: all of them).
+        ``masks`` holds each row's labelled entries (``None``: all of them). The second scale is the
+        ranking terms' (one over their pair or list counts), given their ``(sums, counts)``: with
+        ``normalize="global"`` both kinds of counts go in one ``all_reduce``.
         """
         if self.task_loss_reduction != "mean":
-            return None
+            return None, None
         batch = logits.shape[0]
         dtype = functional.compute_dtype(logits.dtype)
         across_ranks = self.normalize == "global" and distributed.is_distributed()
+        ranking_counts = None if ranking is None else ranking[1].to(dtype)
         if not across_ranks and (masks[0] is None if len(masks) == 1 else all(mask is None for mask in masks)):
-            return 1.0 / max(batch, 1)
+            return 1.0 / max(batch, 1), None if ranking_counts is None else ranking_counts.clamp_min(1).reciprocal()
         if len(masks) == 1:
             counts = functional.task_counts(masks[0], batch, len(self.tasks), dtype, logits.device)
         else:
@@ -449,9 +513,16 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
             )
         if across_ranks:
             group = self._group.get()
+            if ranking_counts is not None:
+                counts = torch.cat([counts, ranking_counts])
             # An empty task's sum is 0, so dividing it by 1 instead of 0 gives the 0 we want.
-            return distributed.world_size(group) / distributed.all_reduce_sum(counts, group).clamp_min(1)
-        return counts.clamp_min(1).reciprocal()
+            scales = distributed.world_size(group) / distributed.all_reduce_sum(counts, group).clamp_min(1)
+            if ranking_counts is None:
+                return scales, None
+            return scales[: len(self.tasks)], scales[len(self.tasks) :]
+        return counts.clamp_min(1).reciprocal(), None if ranking_counts is None else ranking_counts.clamp_min(
+            1
+        ).reciprocal()
 
     def _check_values(self, rows: Sequence[Inputs], weights: Optional[torch.Tensor]) -> None:
         # Only labelled entries are checked: the others contribute nothing, whatever they hold.

@@ -8,13 +8,29 @@ from dataclasses import dataclass
 from typing import Any, Literal, NoReturn, Optional
 
 TaskKind = Literal["binary", "multiclass", "regression"]
+RankingKind = Literal["pairwise_logistic", "pairwise_hinge", "softmax", "lambda_ndcg"]
 
 #: The task kinds, in the order a :class:`~losses.MultiTaskLoss` runs their passes.
 KINDS: tuple[str, ...] = ("binary", "multiclass", "regression")
 
+#: The ranking terms a binary task may add to its loss (the table of their math is
+#: ``losses.ranking_losses.RANKINGS``; this module stays free of torch).
+RANKINGS: tuple[str, ...] = ("pairwise_logistic", "pairwise_hinge", "softmax", "lambda_ndcg")
+
 #: The options each kind takes beyond ``name``, ``kind`` and ``weight``; any other option must keep its default.
 OPTIONS: dict[str, frozenset[str]] = {
-    "binary": frozenset({"pos_weight", "focal_gamma", "focal_alpha", "label_smoothing", "neg_sampling_rate"}),
+    "binary": frozenset(
+        {
+            "pos_weight",
+            "focal_gamma",
+            "focal_alpha",
+            "label_smoothing",
+            "neg_sampling_rate",
+            "ranking",
+            "ranking_weight",
+            "pointwise_weight",
+        }
+    ),
     "multiclass": frozenset({"num_classes", "label_smoothing"}),
     "regression": frozenset(),
 }
@@ -26,6 +42,9 @@ _DEFAULTS: dict[str, Any] = {
     "focal_alpha": None,
     "label_smoothing": 0.0,
     "neg_sampling_rate": 1.0,
+    "ranking": None,
+    "ranking_weight": 1.0,
+    "pointwise_weight": 1.0,
 }
 
 
@@ -72,6 +91,13 @@ class Task:
             (binary), or ``None`` for none. Default: ``None``.
         label_smoothing: :math:`\varepsilon \in [0, 1]` (binary or multiclass). Default: ``0.0``.
         neg_sampling_rate: :math:`r \in (0, 1]`, the share of negatives kept (binary). Default: ``1.0``.
+        ranking: a ranking term over the rows of each group (binary): ``"pairwise_logistic"``,
+            ``"pairwise_hinge"``, ``"softmax"`` or ``"lambda_ndcg"`` (see ``docs/ranking_losses.rst``),
+            or ``None``. The task's loss is then ``pointwise_weight * pointwise + ranking_weight *
+            ranking``, and ``MultiTaskLoss.forward`` needs ``groups``. Default: ``None``.
+        ranking_weight: the ranking term's weight, finite and non-negative. Default: ``1.0``.
+        pointwise_weight: the pointwise term's weight, finite and non-negative; ``0`` makes a
+            ranking-only task, whose labels may be graded (0, 1, 2, ...). Default: ``1.0``.
 
     Example:
         >>> Task("negative_feedback", kind="multiclass", num_classes=3).num_classes
@@ -91,6 +117,9 @@ class Task:
     focal_alpha: Optional[float] = None
     label_smoothing: float = 0.0
     neg_sampling_rate: float = 1.0
+    ranking: Optional[RankingKind] = None
+    ranking_weight: float = 1.0
+    pointwise_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
@@ -112,6 +141,18 @@ class Task:
         self._number("neg_sampling_rate", low=0.0, high=1.0, open_low=True)
         if self.focal_alpha is not None:
             self._number("focal_alpha", low=0.0, high=1.0)
+        self._number("ranking_weight", low=0.0)
+        self._number("pointwise_weight", low=0.0)
+        if self.ranking is not None and (not isinstance(self.ranking, str) or self.ranking not in RANKINGS):
+            self._fail("ranking", f"None or one of {RANKINGS}", self.ranking)
+        if self.ranking is None:
+            for field in ("ranking_weight", "pointwise_weight"):
+                if getattr(self, field) != 1.0:
+                    self._fail(
+                        field,
+                        "1.0 without a `ranking` term (it weighs the terms of a ranking task)",
+                        getattr(self, field),
+                    )
         if self.kind == "multiclass":
             classes: Any = self.num_classes  # typed int, but a caller may pass anything
             expectation = "an int of at least 2 for a 'multiclass' task"

@@ -161,6 +161,9 @@ class TestTaskSpec:
             ("focal_alpha", None),
             ("label_smoothing", 0.0),
             ("neg_sampling_rate", 1.0),
+            ("ranking", None),
+            ("ranking_weight", 1.0),
+            ("pointwise_weight", 1.0),
         ]
 
     @pytest.mark.parametrize(

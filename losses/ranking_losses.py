@@ -1,0 +1,219 @@
+r"""Pairwise and listwise ranking losses over ragged groups: the ranking terms of a :class:`~losses.Task`.
+
+A group is the set of rows sharing a ``groups`` id (a request, a query, a session). Within one
+group of one column, with logits :math:`x`, labels :math:`y \ge 0` and per-sample weights
+:math:`w`:
+
+.. math::
+    \text{pairwise\_logistic:}\quad \ell_{ij} = \log(1 + e^{-(x_i - x_j)}) \qquad
+    \text{pairwise\_hinge:}\quad \ell_{ij} = \max(0, 1 - (x_i - x_j))
+
+over every pair with :math:`y_i > y_j`, each weighted :math:`w_i w_j`; ``lambda_ndcg`` is the
+logistic pair loss weighted :math:`w_i w_j |\Delta\mathrm{NDCG}_{ij}|` (detached). The term of a
+column is the weighted sum over the pairs of all groups divided by their number :math:`P`.
+``softmax`` is, per group :math:`g` with :math:`Y_g = \sum_{i \in g} y_i > 0`,
+
+.. math::
+    \ell_g = -\sum_{i \in g} \frac{y_i}{Y_g} \log \mathrm{softmax}(x_g)_i,
+
+weighted by the mean weight of the group's rows, summed, divided by the number of such groups.
+Weights are multipliers, as everywhere in ``losses``: the mean divides by the count of pairs
+(groups), not by their weight sum. A group with one labelled row, or with equal labels, adds no
+pair; a column with no pair (no list) gives 0 with a zero gradient.
+
+Each kind is one row of :data:`RANKINGS`: it maps the sorted runs of a batch to per-column
+weighted sums and counts, which :class:`~losses.MultiTaskLoss` divides (by global counts with
+``normalize="global"``). Rows never pad a group to the largest one and loop over no group: see
+``losses._ragged``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Literal, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from losses import _ragged
+from losses import _validation as v
+
+RankingKind = Literal["pairwise_logistic", "pairwise_hinge", "softmax", "lambda_ndcg"]
+
+
+class Ragged(NamedTuple):
+    """What a row of :data:`RANKINGS` reads: the entries in sorted order, and their runs."""
+
+    logits: torch.Tensor  #: ``[N]`` in sorted order, 0 where left out (differentiable)
+    labels: torch.Tensor  #: ``[N]`` in sorted order, 0 where left out
+    weights: torch.Tensor  #: ``[N]`` in sorted order, 0 where left out
+    keys: torch.Tensor  #: ``[N]`` flat keys (entry order), for a second sort
+    flat_logits: torch.Tensor  #: ``[N]`` in entry order, detached
+    runs: _ragged.Runs
+    columns: int
+
+
+#: ``(sums, counts)``, each ``[R]``: a column's term is ``sums / counts`` (0 without a count).
+Sums = tuple[torch.Tensor, torch.Tensor]
+
+
+def _per_column(ragged: Ragged, column: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return values.new_zeros(ragged.columns).index_add_(0, column, values)
+
+
+def _ndcg_swap(ragged: Ragged, higher: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
+    """``|delta NDCG|`` of swapping each pair in its group's ranking by logit (detached)."""
+    runs, labels = ragged.runs, ragged.labels.detach()
+    gains = torch.exp2(labels) - 1
+    positions = (torch.arange(labels.numel(), device=labels.device) - runs.start).to(gains.dtype)  # ideal ranks
+    ideal = torch.zeros_like(gains).index_add_(0, runs.run, gains / torch.log2(positions + 2))
+    ranks = _ragged.logit_ranks(ragged.keys, ragged.flat_logits, runs).to(gains.dtype)
+    discounts = 1 / torch.log2(ranks + 2)
+    # A pair has a higher label above 0, so its group's ideal DCG is positive.
+    ideal_of_pair = ideal[runs.run[higher]].clamp_min(torch.finfo(gains.dtype).tiny)
+    return (gains[higher] - gains[lower]).abs() * (discounts[higher] - discounts[lower]).abs() / ideal_of_pair
+
+
+def _pair_term(
+    ragged: Ragged,
+    pair_loss: Callable[[torch.Tensor], torch.Tensor],
+    ndcg: bool = False,
+) -> Sums:
+    higher, lower = _ragged.pairs(ragged.runs)
+    x, w = ragged.logits, ragged.weights
+    weight = w[higher] * w[lower]
+    if ndcg:
+        weight = weight * _ndcg_swap(ragged, higher, lower)
+    losses = pair_loss(x[higher] - x[lower]) * weight
+    column = ragged.runs.column
+    return _per_column(ragged, column[higher], losses), _per_column(ragged, column, ragged.runs.lower.to(x.dtype))
+
+
+def _softmax_term(ragged: Ragged) -> Sums:
+    runs, x, y, w = ragged.runs, ragged.logits, ragged.labels, ragged.weights
+    run, n = runs.run, x.numel()
+    peak = x.detach().new_zeros(n).scatter_reduce_(0, run, x.detach(), "amax", include_self=False)
+    exp_sum = x.new_zeros(n).index_add(0, run, torch.exp(x - peak[run]))
+    label_sum = y.new_zeros(n).index_add_(0, run, y)
+    listed = label_sum > 0
+    # Ids past the last run hold nothing: keep them out of the log (a 0 there is a NaN gradient).
+    log_norm = torch.log(torch.where(listed, exp_sum, 1.0)) + peak
+    cross = x.new_zeros(n).index_add(0, run, x * y)
+    mean_weight = w.new_zeros(n).index_add_(0, run, w) / runs.size.new_zeros(n).index_add_(
+        0, run, torch.ones_like(run)
+    ).clamp_min(1).to(w.dtype)
+    losses = torch.where(listed, (log_norm - cross / torch.where(listed, label_sum, 1.0)) * mean_weight, 0.0)
+    column = x.new_zeros(n, dtype=torch.long).scatter_(0, run, runs.column)
+    return _per_column(ragged, column, losses), _per_column(ragged, column, listed.to(x.dtype))
+
+
+#: The table of ranking kinds: a row maps a batch's sorted runs to per-column sums and counts.
+RANKINGS: dict[str, Callable[[Ragged], Sums]] = {
+    "pairwise_logistic": partial(_pair_term, pair_loss=lambda d: F.softplus(-d)),
+    "pairwise_hinge": partial(_pair_term, pair_loss=lambda d: torch.relu(1 - d)),
+    "softmax": _softmax_term,
+    "lambda_ndcg": partial(_pair_term, pair_loss=lambda d: F.softplus(-d), ndcg=True),
+}
+
+
+def check_groups(groups: Optional[torch.Tensor], batch: int, logits: torch.Tensor) -> torch.Tensor:
+    """``groups`` as given, after the free checks: an integer ``[B]`` tensor on the logits' device."""
+    if groups is None:
+        raise ValueError("Expected `groups` (an integer tensor [B] of group ids) for a task with a `ranking` term.")
+    if not isinstance(groups, torch.Tensor):
+        raise TypeError(f"Expected `groups` to be a torch.Tensor, got {type(groups).__name__}.")
+    if groups.is_floating_point() or groups.is_complex() or groups.dtype == torch.bool:
+        raise TypeError(f"Expected `groups` to be an integer tensor of group ids, got dtype {groups.dtype}.")
+    if groups.shape != (batch,):
+        raise ValueError(f"Expected `groups` of shape [B] ({batch},), one id per row, got {tuple(groups.shape)}.")
+    if groups.device != logits.device:
+        raise ValueError(f"Expected `groups` on the logits' device {logits.device}, got {groups.device}.")
+    return groups
+
+
+def unchecked_ranking_sums(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    groups: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    kind: str,
+) -> Sums:
+    """The per-column ``(sums, counts)`` of one ranking kind over ``[B, R]`` columns (shapes already checked).
+
+    ``weights`` is ``[B, R]``, ``[B]`` or ``None``; ``mask`` is ``[B, R]`` or ``None``. Computed in
+    float32 for half precision, else in the logits' dtype.
+    """
+    batch, columns = logits.shape
+    dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    keep = torch.ones_like(logits, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+    keys = _ragged.flat_keys(groups, keep)
+    flat_keep = keep.t().reshape(-1)
+    zero = logits.new_zeros((), dtype=dtype)
+    # Left-out entries may hold anything (NaN included): they enter as 0 and pass no gradient.
+    x = torch.where(flat_keep, logits.t().reshape(-1).to(dtype), zero)
+    y = torch.where(flat_keep, labels.t().reshape(-1).to(dtype), zero)
+    if weights is None:
+        w = flat_keep.to(dtype)
+    else:
+        block = weights.unsqueeze(1).expand(batch, columns) if weights.ndim == 1 else weights
+        w = torch.where(flat_keep, block.t().reshape(-1).to(dtype), zero)
+    runs = _ragged.sort_runs(keys, y, batch)
+    order = runs.order
+    ragged = Ragged(x[order], y[order], w[order], keys, x.detach(), runs, columns)
+    return RANKINGS[kind](ragged)
+
+
+def ranking_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    groups: torch.Tensor,
+    kind: RankingKind = "pairwise_logistic",
+    weights: Optional[torch.Tensor] = None,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    r"""The ranking term of one column: the functional twin of a :class:`~losses.Task`'s ``ranking``.
+
+    See the module docstring (and ``docs/ranking_losses.rst``) for the math of each ``kind``.
+
+    Args:
+        logits: the scores, :math:`(B)`, floating point.
+        labels: the relevance of each row, :math:`(B)`, non-negative (binary or graded 0, 1, 2, ...).
+        groups: the group id of each row, :math:`(B)`, any integer values, rows in any order.
+        kind: ``"pairwise_logistic"`` | ``"pairwise_hinge"`` | ``"softmax"`` | ``"lambda_ndcg"``.
+            Default: ``"pairwise_logistic"``.
+        weights: optional per-sample weights :math:`(B)`.
+        mask: optional bool :math:`(B)`, false where a row takes part in no pair or list.
+
+    Returns:
+        a scalar: the weighted sum over the pairs (lists) divided by their count; 0 without any.
+
+    Example:
+        >>> logits = torch.tensor([2.0, 0.0, 1.0, 3.0, -1.0])
+        >>> labels = torch.tensor([1, 0, 0, 0, 1])
+        >>> groups = torch.tensor([7, 7, 7, 9, 9])  # two requests: 2 pairs, then 1
+        >>> round(ranking_loss(logits, labels, groups).item(), 4)
+        1.4861
+        >>> round(ranking_loss(logits, labels, groups, kind="softmax").item(), 4)
+        2.2129
+    """
+    v.check_tensor("logits", logits)
+    v.check_floating("logits", logits)
+    if logits.ndim != 1:
+        raise ValueError(f"Expected `logits` of shape [B], one score per row, got {tuple(logits.shape)}.")
+    if kind not in RANKINGS:
+        raise ValueError(f"Expected `kind` to be one of {tuple(RANKINGS)}, got {kind!r}.")
+    check_groups(groups, logits.shape[0], logits)
+    for name, tensor in (("labels", labels), ("weights", weights), ("mask", mask)):
+        if tensor is not None:
+            v.check_same_shape(name, v.check_tensor(name, tensor), logits.shape, "logits")
+    sums, counts = unchecked_ranking_sums(
+        logits.unsqueeze(1),
+        labels.unsqueeze(1),
+        groups,
+        None if weights is None else weights.unsqueeze(1),
+        None if mask is None else mask.unsqueeze(1),
+        kind,
+    )
+    return (sums / counts.clamp_min(1)).squeeze(0)
