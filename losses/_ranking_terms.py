@@ -62,7 +62,8 @@ class RankingTerms(nn.Module):
         refuses it): the number of pairs sizes tensors, and the segment sums of a few columns are
         beyond what inductor generates code for in torch 2.13. The pointwise terms stay compiled.
         """
-        return _sums_outside_graph(self, logits, labels, weights, mask, groups)
+        sums: tuple[torch.Tensor, torch.Tensor] = _sums_outside_graph(self, logits, labels, weights, mask, groups)
+        return sums
 
     def _sums(
         self,
