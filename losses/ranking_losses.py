@@ -11,7 +11,8 @@ group of one column, with logits :math:`x`, labels :math:`y \ge 0` and per-sampl
 over every pair with :math:`y_i > y_j`, each weighted :math:`w_i w_j`; ``lambda_ndcg`` is the
 logistic pair loss weighted :math:`w_i w_j |\Delta\mathrm{NDCG}_{ij}|` (detached). The term of a
 column is the weighted sum over the pairs of all groups divided by their number :math:`P`.
-``softmax`` is, per group :math:`g` with :math:`Y_g = \sum_{i \in g} y_i > 0`,
+``softmax`` is, per group :math:`g` with :math:`Y_g = \sum_{i \in g} y_i > 0` and two different
+labels,
 
 .. math::
     \ell_g = -\sum_{i \in g} \frac{y_i}{Y_g} \log \mathrm{softmax}(x_g)_i,
@@ -96,7 +97,8 @@ def _softmax_term(ragged: Ragged) -> Sums:
     peak = x.detach().new_zeros(n).scatter_reduce_(0, run, x.detach(), "amax", include_self=False)
     exp_sum = x.new_zeros(n).index_add(0, run, torch.exp(x - peak[run]))
     label_sum = y.new_zeros(n).index_add_(0, run, y)
-    listed = label_sum > 0
+    # A list needs a positive label and two different labels: one row, or equal labels, rank nothing.
+    listed = (label_sum > 0) & (runs.lower.new_zeros(n).index_add_(0, run, runs.lower) > 0)
     # Ids past the last run hold nothing: keep them out of the log (a 0 there is a NaN gradient).
     log_norm = torch.log(torch.where(listed, exp_sum, 1.0)) + peak
     cross = x.new_zeros(n).index_add(0, run, x * y)
