@@ -22,6 +22,7 @@ import losses
 from benchmarks.memory import peak_bytes
 from benchmarks.mixed import bench_mixed, check_mixed, render_mixed
 from benchmarks.ranking import bench_ranking, check_ranking, render_ranking
+from benchmarks.ranking_losses import bench_ranking_losses, check_ranking_losses, render_ranking_losses
 from benchmarks.references import ancestor_loop, fused_floor
 from benchmarks.timing import interleaved_medians
 from losses import MultiTaskGlobalLoss, MultiTaskLoss
@@ -355,6 +356,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--only-sync", action="store_true", help="run the 2-rank metric sync benchmark alone")
     parser.add_argument("--no-ranking", action="store_true", help="skip the ranking metrics benchmark")
     parser.add_argument("--no-mixed", action="store_true", help="skip the mixed task kinds benchmark")
+    parser.add_argument("--no-ranking-losses", action="store_true", help="skip the ranking losses benchmark")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     compiled = not args.no_compile
@@ -378,6 +380,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         mixed = bench_mixed(args.rounds)
         text += render_mixed(mixed)
         targets += check_mixed(mixed)
+    if not args.no_ranking_losses:
+        ranking_losses = bench_ranking_losses(args.rounds)
+        text += render_ranking_losses(ranking_losses)
+        targets += check_ranking_losses(ranking_losses)
     text += "\n## Targets\n\n" + "\n".join(f"- {line}" for line in targets) + "\n"
     print(text)
     args.output.write_text(text)

@@ -59,18 +59,30 @@ def _run_bounds(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For ids dense and non-decreasing over sorted positions: each position's run start and size."""
     sizes = torch.zeros_like(ids).index_add_(0, ids, torch.ones_like(ids))
     starts = sizes.cumsum(0) - sizes
-    return starts[ids], sizes[ids]
+    return starts.index_select(0, ids), sizes.index_select(0, ids)
+
+
+def descending_code(values: torch.Tensor) -> torch.Tensor:
+    """An int64 in ``[0, 2^32)`` per value, smaller for a larger value: its float32 bits, order-preserving.
+
+    Packed under a key (``key * 2^32 + code``) it makes one integer sort do the work of two stable
+    sorts (by value, then by key). Values are compared in float32: labels or logits closer than
+    float32 tells apart are ties.
+    """
+    bits = (values.to(torch.float32) + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 becomes 0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed order is now the floats' order
+    return (2**31 - 1) - ordered
 
 
 def sort_runs(keys: torch.Tensor, labels: torch.Tensor, batch: int) -> Runs:
-    """Sort the entries by key, then by label from high to low (two stable sorts), and describe the runs."""
-    by_label = torch.argsort(labels, descending=True, stable=True)
-    order = by_label[torch.argsort(keys[by_label], stable=True)]
-    run = _run_ids(keys[order])
+    """Sort the entries by key, then by label from high to low (one sort), and describe the runs."""
+    codes = descending_code(labels)
+    order = torch.argsort(keys * 2**32 + codes, stable=True)
+    run = _run_ids(keys.index_select(0, order))
     start, size = _run_bounds(run)
-    sorted_labels = labels[order]
+    sorted_codes = codes.index_select(0, order)
     tie_new = torch.ones_like(run, dtype=torch.bool)
-    tie_new[1:] = (run[1:] != run[:-1]) | (sorted_labels[1:] != sorted_labels[:-1])
+    tie_new[1:] = (run[1:] != run[:-1]) | (sorted_codes[1:] != sorted_codes[:-1])
     tie_start, tie_size = _run_bounds(tie_new.cumsum(0) - 1)
     lower_start = tie_start + tie_size
     return Runs(
@@ -95,14 +107,13 @@ def pairs(runs: Runs) -> tuple[torch.Tensor, torch.Tensor]:
     positions = torch.arange(runs.lower.numel(), device=runs.lower.device)
     higher = torch.repeat_interleave(positions, runs.lower, output_size=count)
     block_start = runs.lower.cumsum(0) - runs.lower
-    offset = torch.arange(count, device=runs.lower.device) - block_start[higher]
-    return higher, runs.lower_start[higher] + offset
+    offset = torch.arange(count, device=runs.lower.device) - block_start.index_select(0, higher)
+    return higher, runs.lower_start.index_select(0, higher) + offset
 
 
 def logit_ranks(keys: torch.Tensor, logits: torch.Tensor, runs: Runs) -> torch.Tensor:
-    """Each sorted entry's 0-based rank by logit (high to low) inside its run; ties in row order."""
-    by_logit = torch.argsort(logits, descending=True, stable=True)
-    order = by_logit[torch.argsort(keys[by_logit], stable=True)]
+    """Each sorted entry's 0-based rank by logit (high to low, in float32) inside its run; ties in row order."""
+    order = torch.argsort(keys * 2**32 + descending_code(logits), stable=True)
     # The same keys, sorted: the runs sit at the same sorted positions as in `runs`.
     ranks = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device) - runs.start)
-    return ranks[runs.order]
+    return ranks.index_select(0, runs.order)

@@ -1,0 +1,171 @@
+"""`make bench`, ranking losses: one ranking task beside 15 binary ones in one `MultiTaskLoss` (issue 18).
+
+The target: at B = 65536 rows in 4096 groups of 16 (group ids shuffled through the batch), 16 binary
+tasks with pos_weights, per-sample weights and a mask (80% labelled), the forward and backward of
+`MultiTaskLoss` with one task's ranking term costs at most 3x the same module without it, for each
+of the four kinds, in CPU time (all threads of this process; other processes on a shared machine do
+not inflate it), measured in this one process with interleaved rounds.
+
+Memory: the peak bytes a call allocates beyond the module without a ranking term, per pair; and
+the same for groups of 1 to 1000 rows, against what padding every group to the largest would take.
+Run alone with ``python -m benchmarks.ranking_losses``; ``benchmarks.run`` adds the section to
+docs/performance.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+
+from benchmarks.memory import peak_bytes
+from benchmarks.timing import cpu_medians, interleaved_medians, section_main
+from losses import MultiTaskLoss, Task
+from losses.task import RANKINGS
+
+BATCH, GROUP_SIZE, TASKS = 65536, 16, 16
+TARGET = 3.0
+
+
+def _data(sizes: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    batch = int(sizes.sum())
+    rates = torch.logspace(-0.5, -2.3, TASKS)  # positive rates from about 30% down to 0.5%
+    groups = torch.repeat_interleave(torch.arange(len(sizes)) * 7919, sizes)
+    return {
+        "logits": torch.randn(batch, TASKS, generator=gen).requires_grad_(),
+        "labels": (torch.rand(batch, TASKS, generator=gen) < rates).float(),
+        "weights": torch.rand(batch, TASKS, generator=gen) + 0.5,
+        "mask": torch.rand(batch, TASKS, generator=gen) < 0.8,
+        "groups": groups[torch.randperm(batch, generator=gen)],
+        "pos_weights": (1.0 / rates).sqrt(),
+    }
+
+
+def _loss(kind: Optional[str], pos_weights: torch.Tensor) -> MultiTaskLoss:
+    tasks = [Task(f"task{i}", pos_weight=round(float(p), 3)) for i, p in enumerate(pos_weights)]
+    if kind is not None:  # the first task, the most frequent positive (about 30%), ranks its groups
+        tasks[0] = Task("task0", pos_weight=tasks[0].pos_weight, ranking=kind)  # type: ignore[arg-type]
+    return MultiTaskLoss(tasks)
+
+
+def _steps(data: dict[str, torch.Tensor]) -> dict[str, Callable[[], None]]:
+    x = data["logits"]
+    steps = {}
+    for kind in (None, *RANKINGS):
+        loss = _loss(kind, data["pos_weights"])
+
+        def step(loss: MultiTaskLoss = loss) -> None:
+            x.grad = None
+            loss(x, data["labels"], data["weights"], data["mask"], groups=data["groups"])["loss"].backward()
+
+        steps[kind or "none"] = step
+    return steps
+
+
+def _pairs(data: dict[str, torch.Tensor]) -> int:
+    """The pairs of the ranking task (first column): labelled rows of one group with different labels."""
+    labelled = data["mask"][:, 0]
+    groups, labels = data["groups"][labelled], data["labels"][labelled, 0]
+    _, dense = torch.unique(groups, return_inverse=True)
+    positives = torch.bincount(dense, weights=labels).long()
+    sizes = torch.bincount(dense)
+    return int((positives * (sizes - positives)).sum())
+
+
+def _memory(data: dict[str, torch.Tensor]) -> dict[str, Any]:
+    steps = _steps(data)
+    peaks = {name: peak_bytes(step) for name, step in steps.items()}
+    return {"peaks": peaks, "pairs": _pairs(data)}
+
+
+def bench_ranking_losses(rounds: int = 9) -> dict[str, Any]:
+    """CPU and wall medians per call of each kind and of no ranking term; peak memory, two group shapes."""
+    even = _data(torch.full((BATCH // GROUP_SIZE,), GROUP_SIZE))
+    gen = torch.Generator().manual_seed(1)
+    ragged_sizes = torch.randint(1, 1001, (131,), generator=gen)  # about 65536 rows in groups of 1 to 1000
+    ragged_sizes[0], ragged_sizes[1] = 1, 1000
+    ragged = _data(ragged_sizes, seed=2)
+    memory = {"even": _memory(even), "ragged": _memory(ragged)}
+    memory["ragged"]["largest"] = int(ragged_sizes.max())
+    memory["ragged"]["groups"] = len(ragged_sizes)
+    memory["ragged"]["rows"] = int(ragged_sizes.sum())
+    steps = _steps(even)
+    return {"cpu": cpu_medians(steps, rounds), "wall": interleaved_medians(steps, rounds), "memory": memory}
+
+
+def _mib(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.1f}"
+
+
+def _per(value: Optional[float], count: int) -> str:
+    return "n/a" if value is None else f"{value / max(count, 1):.0f}"
+
+
+def _extra(memory: dict[str, Any], kind: str) -> Optional[float]:
+    peaks = memory["peaks"]
+    if peaks[kind] is None or peaks["none"] is None:
+        return None
+    return float(peaks[kind] - peaks["none"])
+
+
+def render_ranking_losses(measured: dict[str, Any]) -> str:
+    cpu, wall, memory = measured["cpu"], measured["wall"], measured["memory"]
+    even, ragged = memory["even"], memory["ragged"]
+    out = [
+        "",
+        "## Ranking losses",
+        "",
+        f"`MultiTaskLoss` over {TASKS} binary tasks (pos_weights, per-sample weights, a mask with 80% labelled),",
+        f"B = {BATCH} rows in {BATCH // GROUP_SIZE} groups of {GROUP_SIZE} with shuffled ids, float32, forward and",
+        "backward, with the first task's ranking term (positive rate about 30%) against the same module",
+        f"without it ({wall['none'] * 1e3:.1f} ms wall, {cpu['none'] * 1e3:.1f} ms CPU). Medians over interleaved",
+        f"rounds; the target is <= {TARGET:g}x in CPU time. Memory: peak bytes allocated by one call beyond",
+        "the module without a ranking term (profiler timeline), and per pair of the ranking task;",
+        f"even groups have {even['pairs']} pairs. Ragged: {ragged['rows']} rows in {ragged['groups']} groups of 1",
+        f"to {ragged['largest']} rows ({ragged['pairs']} pairs); padding every group to the largest would",
+        f"need {ragged['groups']} x {ragged['largest']}^2 = {ragged['groups'] * ragged['largest'] ** 2} pair slots.",
+        "",
+        "| ranking | ms (wall) | / without (wall) | / without (CPU) | extra MiB | bytes per pair "
+        "| ragged: extra MiB | ragged: bytes per pair |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for kind in RANKINGS:
+        extra, ragged_extra = _extra(even, kind), _extra(ragged, kind)
+        out.append(
+            f"| {kind} | {wall[kind] * 1e3:.1f} | {wall[kind] / wall['none']:.2f} | {cpu[kind] / cpu['none']:.2f} | "
+            f"{_mib(extra)} | {_per(extra, even['pairs'])} | "
+            f"{_mib(ragged_extra)} | {_per(ragged_extra, ragged['pairs'])} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def check_ranking_losses(measured: dict[str, Any]) -> list[str]:
+    """Issue 18's targets: each kind within 3x in CPU time; memory O(pairs), no padding to the largest group."""
+    cpu, memory = measured["cpu"], measured["memory"]
+    lines = []
+    for kind in RANKINGS:
+        ratio = cpu[kind] / cpu["none"]
+        verdict = "PASS" if ratio <= TARGET else "FAIL"
+        lines.append(f"{verdict}  ranking {kind}: with / without, CPU time {ratio:.2f} <= 3")
+    ragged = memory["ragged"]
+    worst = max((_extra(ragged, kind) or 0.0) for kind in RANKINGS)
+    # O(pairs): a few int64 and float tensors per pair, plus O(N) for the sorts; padding would be
+    # at least 4 bytes per slot of groups x largest^2.
+    budget = 200 * ragged["pairs"] + 200 * ragged["rows"]
+    padded = 4 * ragged["groups"] * ragged["largest"] ** 2
+    lines.append(
+        f"{'PASS' if worst <= budget else 'FAIL'}  ranking, groups of 1 to {ragged['largest']}: extra peak "
+        f"{worst / 2**20:.0f} MiB <= 200 B per pair and row ({budget / 2**20:.0f} MiB); padding: >= "
+        f"{padded / 2**20:.0f} MiB"
+    )
+    return lines
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return section_main(argv, __doc__, bench_ranking_losses, render_ranking_losses, check_ranking_losses)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
