@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from losses import _validation as v
-from losses.ranking_losses import check_groups, unchecked_ranking_sums
+from losses import functional
+from losses._input_checks import check_groups
+from losses.ranking_losses import unchecked_ranking_sums
 from losses.task import RANKINGS, Task
 
 
@@ -74,6 +76,9 @@ class RankingTerms(nn.Module):
         groups: Optional[torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         groups = check_groups(groups, logits.shape[0], logits)
+        if logits.device.type == "meta":  # shape inference: the pair count has no value to read
+            empty = logits.new_zeros(len(self.names), dtype=functional.compute_dtype(logits.dtype))
+            return empty, empty
         positions = v.on_device_of("positions", self.positions, logits)
         x = logits.index_select(1, v.on_device_of("logit_columns", self.logit_columns, logits))
         y = labels.index_select(1, positions)

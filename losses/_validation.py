@@ -1,4 +1,6 @@
-"""Argument checks shared by the loss modules and metrics.
+"""Argument checks shared by the loss modules and metrics: one argument, one rule.
+
+The checks of each call path, built from these, are in :mod:`losses._input_checks`.
 
 Everything here runs once at construction or compares shapes and dtypes, which never touches
 tensor data and so never waits on the device; the one exception, :func:`check_values`, runs only

@@ -9,10 +9,12 @@ from typing import Literal, Optional, Union
 import torch
 from torch import nn
 
+from losses import _input_checks as checks
 from losses import _validation as v
 from losses import distributed, functional
 from losses._ranking_terms import RankingTerms
 from losses._task_groups import GROUPS, Inputs, RowSplit, TaskGroup
+from losses._task_reduction import unchecked_reduce_tasks
 from losses.functional import GlobalReduction
 from losses.loss_type import LossType, parse_loss_type
 from losses.task import Task
@@ -429,18 +431,9 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
         self, logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor], mask: Optional[torch.Tensor]
     ) -> None:
         """The layouts: ``[B, T, C]`` when every task is multi-class, else ``[B, D]`` (``[B, T]`` without classes)."""
-        num_tasks = len(self.tasks)
-        if self._class_layout is not False and (v.check_tensor("logits", logits).ndim == 3 or self._width is None):
-            functional.check_multi_task_inputs(logits, labels, weights, mask, num_tasks, 1)
-            if self._class_layout is not None and logits.shape[2] != self._class_layout:
-                raise ValueError(
-                    f"Expected `logits` of shape [B, T, C] with C = {self._class_layout} (the tasks' `num_classes`), "
-                    f"got {tuple(logits.shape)}."
-                )
-        elif self._width == num_tasks:
-            functional.check_multi_task_inputs(logits, labels, weights, mask, num_tasks, 0)
-        else:
-            _check_block(logits, labels, weights, mask, num_tasks, self._width)
+        checks.check_multi_task_loss_inputs(
+            logits, labels, weights, mask, len(self.tasks), self._class_layout, self._width
+        )
 
     def _result(
         self,
@@ -451,9 +444,7 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The output dict: one value per task, then ``"loss"`` (``reduced`` over tasks unless given)."""
         losses = dict(zip(self._keys, task_values, strict=True))
-        losses["loss"] = (
-            functional.reduce_tasks(reduced, task_weight, self.global_reduction) if total is None else total
-        )
+        losses["loss"] = unchecked_reduce_tasks(reduced, task_weight, self.global_reduction) if total is None else total
         return losses
 
     def _with_ranking(
@@ -533,33 +524,3 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
                 v.check_values("weights", row_weights, low=0, where=row_mask, index_map=group.task_index)
         if weights is not None and weights.ndim == 1:
             v.check_values("weights", weights, low=0)
-
-
-def _check_block(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    weights: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor],
-    num_tasks: int,
-    width: Optional[int],
-) -> None:
-    """Shape checks (free) of a ``[B, D]`` block with multi-class tasks: ``D`` logit columns, ``T`` labels."""
-    v.check_real_tensors(logits=logits, labels=labels, weights=weights, mask=mask)
-    v.check_floating("logits", logits)
-    if logits.ndim != 2 or logits.shape[1] != width:
-        raise ValueError(
-            f"Expected `logits` of shape [B, D] with D = {width} columns (one per binary or regression task and "
-            f"`num_classes` per multiclass task, in task order), got {tuple(logits.shape)}"
-            + (
-                ". [B, T, C] logits need every task multiclass, all with one `num_classes`."
-                if logits.ndim == 3
-                else "."
-            )
-        )
-    block = torch.Size((logits.shape[0], num_tasks))
-    if labels.shape != block:
-        raise ValueError(
-            f"Expected `labels` of shape [B, T] {tuple(block)}, one label per task (a class index for a multiclass "
-            f"task), got {tuple(labels.shape)}."
-        )
-    functional.check_weights_and_mask(logits, labels, weights, mask, block, "labels")

@@ -37,8 +37,8 @@ from typing import Literal, NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from losses import _input_checks as checks
 from losses import _ragged
-from losses import _validation as v
 
 RankingKind = Literal["pairwise_logistic", "pairwise_hinge", "softmax", "lambda_ndcg"]
 
@@ -127,21 +127,6 @@ RANKINGS: dict[str, Callable[[Ragged], Sums]] = {
 }
 
 
-def check_groups(groups: Optional[torch.Tensor], batch: int, logits: torch.Tensor) -> torch.Tensor:
-    """``groups`` as given, after the free checks: an integer ``[B]`` tensor on the logits' device."""
-    if groups is None:
-        raise ValueError("Expected `groups` (an integer tensor [B] of group ids) for a task with a `ranking` term.")
-    if not isinstance(groups, torch.Tensor):
-        raise TypeError(f"Expected `groups` to be a torch.Tensor, got {type(groups).__name__}.")
-    if groups.is_floating_point() or groups.is_complex() or groups.dtype == torch.bool:
-        raise TypeError(f"Expected `groups` to be an integer tensor of group ids, got dtype {groups.dtype}.")
-    if groups.shape != (batch,):
-        raise ValueError(f"Expected `groups` of shape [B] ({batch},), one id per row, got {tuple(groups.shape)}.")
-    if groups.device != logits.device:
-        raise ValueError(f"Expected `groups` on the logits' device {logits.device}, got {groups.device}.")
-    return groups
-
-
 def unchecked_ranking_sums(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -210,16 +195,7 @@ def ranking_loss(
         >>> round(ranking_loss(logits, labels, groups, kind="softmax").item(), 4)
         2.2129
     """
-    v.check_tensor("logits", logits)
-    v.check_floating("logits", logits)
-    if logits.ndim != 1:
-        raise ValueError(f"Expected `logits` of shape [B], one score per row, got {tuple(logits.shape)}.")
-    if kind not in RANKINGS:
-        raise ValueError(f"Expected `kind` to be one of {tuple(RANKINGS)}, got {kind!r}.")
-    check_groups(groups, logits.shape[0], logits)
-    for name, tensor in (("labels", labels), ("weights", weights), ("mask", mask)):
-        if tensor is not None:
-            v.check_same_shape(name, v.check_tensor(name, tensor), logits.shape, "logits")
+    checks.check_ranking_loss_call(logits, labels, groups, kind, weights, mask, tuple(RANKINGS))
     sums, counts = unchecked_ranking_sums(
         logits.unsqueeze(1),
         labels.unsqueeze(1),

@@ -400,6 +400,19 @@ class TestInMultiTaskLoss:
         plain = MultiTaskLoss(["click", "fav"])
         assert "ranking/click" not in plain(x, y, groups=torch.zeros(4, dtype=torch.long))
 
+    def test_the_functional_checks_its_arguments(self):
+        x, y, g = torch.zeros(4), torch.zeros(4), torch.zeros(4, dtype=torch.long)
+        with pytest.raises(ValueError, match=r"`kind` to be one of \('pairwise_logistic'.*got 'listnet'"):
+            ranking_loss(x, y, g, "listnet")
+        with pytest.raises(ValueError, match=r"`logits` of shape \[B\].*got \(2, 2\)"):
+            ranking_loss(x.view(2, 2), y.view(2, 2), g[:2])
+        with pytest.raises(ValueError, match=r"`labels` to have the shape of `logits` \(4,\), got \(3,\)"):
+            ranking_loss(x, y[:3], g)
+        with pytest.raises(ValueError, match="Expected `groups`"):
+            ranking_loss(x, y, None)
+        with pytest.raises(TypeError, match="`logits`"):
+            ranking_loss(x.long(), y, g)
+
     def test_no_value_per_sample(self):
         with pytest.raises(ValueError, match=r"`task_loss_reduction` to be 'mean' or 'sum' with ranking tasks"):
             MultiTaskLoss([Task("click", ranking="softmax")], task_loss_reduction="none")
@@ -421,6 +434,13 @@ class TestInMultiTaskLoss:
         metric = MultiTaskGlobalLoss([t.name for t in HEAD])
         metric.update(out, weight=40)
         assert set(metric.compute()) == {f"loss/{t.name}" for t in HEAD} | {"loss"}
+
+    def test_meta_logits_infer_shapes(self):
+        loss = MultiTaskLoss(HEAD)
+        logits, labels = torch.zeros(5, 10, device="meta"), torch.zeros(5, 8, device="meta")
+        out = loss(logits, labels, groups=torch.zeros(5, dtype=torch.long))
+        assert out["ranking/click"].device.type == "meta"
+        assert out["loss"].shape == ()
 
     def test_state_dict_keeps_its_keys(self):
         assert set(MultiTaskLoss(HEAD).state_dict()) == {"pos_weight", "task_weight"}
