@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from losses import _input_checks as checks
 from losses import _ragged
+from losses._dtypes import compute_dtype
 
 RankingKind = Literal["pairwise_logistic", "pairwise_hinge", "softmax", "lambda_ndcg"]
 
@@ -94,9 +95,8 @@ def _pair_term(
         weight = weight * _ndcg_swap(ragged, higher, lower)
     losses = pair_loss(x.index_select(0, higher) - x.index_select(0, lower)) * weight
     column = ragged.runs.column
-    return _per_column(ragged, column.index_select(0, higher), losses), _per_column(
-        ragged, column, ragged.runs.lower.to(x.dtype)
-    )
+    pair_column = column if ragged.columns == 1 else column.index_select(0, higher)  # one column: not read
+    return _per_column(ragged, pair_column, losses), _per_column(ragged, column, ragged.runs.lower.to(x.dtype))
 
 
 def _softmax_term(ragged: Ragged) -> Sums:
@@ -141,7 +141,7 @@ def unchecked_ranking_sums(
     float32 for half precision, else in the logits' dtype.
     """
     batch, columns = logits.shape
-    dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
+    dtype = compute_dtype(logits.dtype)
     keep = torch.ones_like(logits, dtype=torch.bool) if mask is None else mask.to(torch.bool)
     keys = _ragged.flat_keys(groups, keep)
     flat_keep = keep.t().reshape(-1)
