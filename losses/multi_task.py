@@ -459,7 +459,7 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
         assert self.ranking is not None
         terms = ranking_sums if ranking_scale is None else ranking_sums * ranking_scale
         positions = v.on_device_of("positions", self.ranking.positions, task_losses)
-        added = terms * v.on_device_of("ranking_weight", self.ranking.ranking_weight, terms)
+        added = terms * v.on_device_of("ranking_weight", self.ranking.ranking_weight, terms).to(terms.dtype)
         task_losses = task_losses.index_add(0, positions, added.to(task_losses.dtype))
         result = self._result(
             task_losses.unbind(),
