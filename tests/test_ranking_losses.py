@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.nn.parallel import DistributedDataParallel
 
 from losses import MultiTaskGlobalLoss, MultiTaskLoss, Task, UncertaintyWeighting, _ragged
@@ -455,6 +456,7 @@ def test_torch_compile_runs_the_ranking_term_outside_the_graph(kind):
     torch._dynamo.reset()
     compiled = torch.compile(loss)
     gen = torch.Generator().manual_seed(0)
+    graphs = []
     for groups_count in (3, 7, 16):
         logits = torch.randn(32, 3, generator=gen)
         labels = torch.cat([(torch.rand(32, 1, generator=gen) < 0.4).float(), torch.randn(32, 1, generator=gen)], 1)
@@ -468,6 +470,9 @@ def test_torch_compile_runs_the_ranking_term_outside_the_graph(kind):
         eager["loss"].backward()
         out["loss"].backward()
         torch.testing.assert_close(compiled_x.grad, eager_x.grad)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1
+    assert graphs == graphs[:1] * 3  # other group and pair counts: no new graph
     torch._dynamo.reset()
 
 
