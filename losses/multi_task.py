@@ -370,9 +370,10 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
         weights: Optional[torch.Tensor],
         mask: Optional[torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        self._check_shapes(logits, labels, weights, mask)
-        pos_weight = v.on_device_of("pos_weight", self.pos_weight, logits)
-        task_weight = v.on_device_of("task_weight", self.task_weight, logits)
+        pos_weight, task_weight = self.pos_weight, self.task_weight  # each a module attribute lookup: once
+        self._check_shapes(logits, labels, weights, mask, pos_weight, task_weight)
+        pos_weight = v.on_device_of("pos_weight", pos_weight, logits)
+        task_weight = v.on_device_of("task_weight", task_weight, logits)
         if self._one_plain_task and mask is None and (self.normalize == "local" or not distributed.is_distributed()):
             if self.check_inputs:
                 self._check_values([(logits, labels, weights, mask)], weights)
@@ -436,13 +437,19 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
         return self._result(task_losses.unbind(), task_losses, task_weight, total)
 
     def _check_shapes(
-        self, logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor], mask: Optional[torch.Tensor]
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        weights: Optional[torch.Tensor],
+        mask: Optional[torch.Tensor],
+        pos_weight: torch.Tensor,
+        task_weight: torch.Tensor,
     ) -> None:
         """The layouts: ``[B, T, C]`` when every task is multi-class, else ``[B, D]`` (``[B, T]`` without classes)."""
         # The constants too: torch.func.functional_call may hand in a replacement that requires grad.
-        constants = [("pos_weight", self.pos_weight), ("task_weight", self.task_weight)]
+        constants = (("pos_weight", pos_weight), ("task_weight", task_weight))
         if self._option_names:
-            constants += [(name, getattr(group, name)) for group, name in self._option_names]
+            constants += tuple((name, getattr(group, name)) for group, name in self._option_names)
         checks.check_multi_task_loss_inputs(
             logits, labels, weights, mask, len(self.tasks), self._class_layout, self._width, constants
         )
