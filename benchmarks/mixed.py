@@ -26,7 +26,7 @@ BATCH, BINARY, CLASSES = 65536, 14, 3
 #: Each row of the table: the candidate, and what it computes.
 ROWS = (
     ("ours", "grouped by kind, pos_weights and per-sample weights"),
-    ("ours_mask", "the same with a mask (80% labelled)"),
+    ("ours_mask", "the same with a mask (80% labelled, NaN labels at unlabelled entries)"),
     ("ours_interleaved", "the same tasks interleaved (the rows' columns gathered)"),
     ("ours_focal", "half the binary tasks focal (gamma 2), label smoothing 0.05 on all"),
 )
@@ -59,6 +59,9 @@ def _candidates() -> dict[str, Callable[[], object]]:
     mask = torch.rand(BATCH, BINARY + 2, generator=gen) < 0.8
     logits = torch.randn(BATCH, BINARY + CLASSES + 1, generator=gen).requires_grad_()
     labels = torch.cat([binary_labels, classes.unsqueeze(1).float(), dwell], 1)
+    # Unlabelled entries hold NaN labels (the multi-class column -100, torch's ignore_index).
+    masked_labels = torch.where(mask, labels, float("nan"))
+    masked_labels[:, BINARY] = torch.where(mask[:, BINARY], labels[:, BINARY], -100.0)
     # The interleaved layout: the same columns in the order of _tasks(interleaved=True).
     interleaved_logits = (
         torch.cat([logits[:, :5], logits[:, 14:17], logits[:, 5:10], logits[:, 17:], logits[:, 10:14]], 1)
@@ -84,7 +87,7 @@ def _candidates() -> dict[str, Callable[[], object]]:
 
     return {
         "ours": step(logits, lambda: grouped(logits, labels, weights)["loss"]),
-        "ours_mask": step(logits, lambda: grouped(logits, labels, weights, mask)["loss"]),
+        "ours_mask": step(logits, lambda: grouped(logits, masked_labels, weights, mask)["loss"]),
         "ours_interleaved": step(
             interleaved_logits, lambda: interleaved(interleaved_logits, interleaved_labels, weights)["loss"]
         ),
@@ -132,11 +135,21 @@ def render_mixed(measured: dict[str, dict[str, float]]) -> str:
 
 
 def check_mixed(measured: dict[str, dict[str, float]]) -> list[str]:
-    """The target of issue 12: the grouped mixed block within 2x of one fused call per kind, in CPU time."""
+    """The targets, in CPU time against one fused call per kind: the grouped block within 2x (issue 12),
+    with a mask and with focal tasks and label smoothing within 2.5x (issue 19)."""
     cpu = measured["cpu"]
-    ratio = cpu["ours"] / _floor(cpu)
-    verdict = "PASS" if ratio <= 2.0 else "FAIL"
-    return [f"{verdict}  mixed kinds B={BATCH}: ours / one call per kind, CPU time {ratio:.2f} <= 2"]
+    lines = []
+    for name, label, target in (
+        ("ours", "ours", 2.0),
+        ("ours_mask", "with a mask", 2.5),  # issue 19
+        ("ours_focal", "focal + smoothing", 2.5),  # issue 19
+    ):
+        ratio = cpu[name] / _floor(cpu)
+        verdict = "PASS" if ratio <= target else "FAIL"
+        lines.append(
+            f"{verdict}  mixed kinds B={BATCH}, {label}: / one call per kind, CPU time {ratio:.2f} <= {target}"
+        )
+    return lines
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -10,6 +10,7 @@ which reads no tensor data and never waits on the device; the opt-in value check
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 import torch
@@ -221,13 +222,18 @@ def check_multi_task_loss_inputs(
     num_tasks: int,
     class_layout: Union[int, bool, None],
     width: Optional[int],
+    constants: Sequence[tuple[str, Optional[torch.Tensor]]] = (),
 ) -> None:
     """The checks of :class:`~losses.MultiTaskLoss`'s ``forward``, for each of its layouts.
 
     ``[B, T, C]`` when every task is multi-class (``class_layout``: their ``C``, ``None`` when the
     logits give it, ``False`` when the layout does not apply), else ``[B, D]`` with ``D = width``
-    columns (``[B, T]`` without classes).
+    columns (``[B, T]`` without classes). ``constants`` are the loss's buffers by name: none may
+    require grad (:func:`torch.func.functional_call` can hand in one that does), since their
+    gradient would be silently missing.
     """
+    for name, constant in constants:
+        v.check_no_grad(name, constant, "it is a constant of the loss: MultiTaskLoss differentiates `logits` only.")
     if class_layout is not False and (v.check_tensor("logits", logits).ndim == 3 or width is None):
         check_multi_task_inputs(logits, labels, weights, mask, num_tasks, 1)
         if class_layout is not None and logits.shape[2] != class_layout:

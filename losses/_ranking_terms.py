@@ -9,7 +9,7 @@ loss adds ``ranking_weight * sums / counts`` to each such task's loss; the count
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import torch
@@ -41,11 +41,16 @@ class RankingTerms(nn.Module):
         self.register_buffer(
             "logit_columns", torch.tensor([logit_starts[t] for t in ranked], dtype=torch.long), persistent=False
         )
-        self.register_buffer(
-            "ranking_weight",
-            torch.tensor([specs[t].ranking_weight for t in ranked]),  # type: ignore[union-attr]
-            persistent=False,
-        )
+        #: The Tasks' ranking weights as given: the buffer holds them in float64 under any dtype cast.
+        self._weights = tuple(specs[t].ranking_weight for t in ranked)  # type: ignore[union-attr]
+        self.register_buffer("ranking_weight", torch.tensor(self._weights, dtype=torch.float64), persistent=False)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> RankingTerms:
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        if self.ranking_weight.dtype != torch.float64:  # a cast: the Tasks' floats again, on the new device
+            weights = torch.tensor(self._weights, dtype=torch.float64, device=self.ranking_weight.device)
+            self.ranking_weight = weights
+        return self
 
     def extra_repr(self) -> str:
         return ", ".join(f"{kind}={count}" for kind, count in self.kinds)

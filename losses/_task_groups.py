@@ -8,7 +8,7 @@ once. A new kind is a new row in :data:`GROUPS`, not a branch in ``forward``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional, Union
 
 import torch
@@ -104,6 +104,33 @@ class TaskGroup(nn.Module):
         #: Each task's first column in a ``[B, D]`` block with other rows, for messages; ``None``
         #: when the row is the whole block, whose indices are the caller's own.
         self.logit_starts: Optional[tuple[int, ...]] = None
+        #: The Python floats of each option buffer, as the Tasks gave them.
+        self._option_values: dict[str, tuple[float, ...]] = {}
+
+    def register_option(self, name: str, values: Optional[Sequence[float]]) -> None:
+        """A per-task option as a float64 buffer (``None``: every task keeps the default).
+
+        Float64 holds the Python floats of the Tasks exactly, and stays float64 under a dtype cast
+        of the module (:meth:`_apply`): ``label_smoothing=0.1`` is 0.1 in a float64 loss, and
+        ``.half()`` or Lightning's ``"bf16-true"`` do not round it. The kernels convert it to their
+        compute dtype. Not persistent: it comes from the Tasks, not from a checkpoint.
+        """
+        if values is not None:
+            self._option_values[name] = tuple(float(value) for value in values)
+        tensor = None if values is None else torch.tensor(values, dtype=torch.float64)
+        self.register_buffer(name, tensor, persistent=False)
+
+    def option_names(self) -> tuple[str, ...]:
+        """The names of the option buffers some task of the row sets."""
+        return tuple(self._option_values)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> TaskGroup:
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        for name, values in self._option_values.items():
+            buffer = getattr(self, name)
+            if buffer.dtype != torch.float64:  # a cast: the Tasks' values again, where fn put the buffer
+                setattr(self, name, torch.tensor(values, dtype=torch.float64, device=buffer.device))
+        return self
 
     def task_index(self, index: tuple[int, ...]) -> tuple[int, ...]:
         """The block's ``[B, T]`` index of an entry ``(b, t_k)`` of the row's labels, weights or mask."""
@@ -146,11 +173,11 @@ class TaskGroup(nn.Module):
         v.check_values("labels", labels, where=mask, index_map=self.task_index)
 
 
-def _vector(values: Sequence[float], default: float) -> Optional[torch.Tensor]:
-    """A buffer of per-task values, or ``None`` when every task keeps the default (its math is then skipped)."""
+def _vector(values: Sequence[float], default: float) -> Optional[list[float]]:
+    """Per-task values, or ``None`` when every task keeps the default (its math is then skipped)."""
     if all(value == default for value in values):
         return None
-    return torch.tensor(values, dtype=torch.get_default_dtype())
+    return list(values)
 
 
 class BinaryTasks(TaskGroup):
@@ -174,20 +201,12 @@ class BinaryTasks(TaskGroup):
         focal = any(task.focal_gamma or task.focal_alpha is not None for task in specs)
         # NaN stands for "no alpha" (both targets weigh 1); see functional.multi_task_bce.
         alphas = [float("nan") if task.focal_alpha is None else task.focal_alpha for task in specs]
-        self.register_buffer(
-            "focal_gamma", torch.tensor([task.focal_gamma for task in specs]) if focal else None, persistent=False
-        )
-        self.register_buffer("focal_alpha", torch.tensor(alphas) if focal else None, persistent=False)
-        self.register_buffer(
-            "label_smoothing", _vector([task.label_smoothing for task in specs], 0.0), persistent=False
-        )
-        self.register_buffer(
-            "neg_sampling_rate", _vector([task.neg_sampling_rate for task in specs], 1.0), persistent=False
-        )
+        self.register_option("focal_gamma", [task.focal_gamma for task in specs] if focal else None)
+        self.register_option("focal_alpha", alphas if focal else None)
+        self.register_option("label_smoothing", _vector([task.label_smoothing for task in specs], 0.0))
+        self.register_option("neg_sampling_rate", _vector([task.neg_sampling_rate for task in specs], 1.0))
         # A ranking task's pointwise_weight scales its pointwise term (0: ranking only, graded labels allowed).
-        self.register_buffer(
-            "pointwise_weight", _vector([task.pointwise_weight for task in specs], 1.0), persistent=False
-        )
+        self.register_option("pointwise_weight", _vector([task.pointwise_weight for task in specs], 1.0))
         #: The options some task sets: the others' math is skipped, and so is looking them up.
         self._used = tuple(
             name
@@ -207,7 +226,7 @@ class BinaryTasks(TaskGroup):
             logits, labels, pos_weight, weights, mask, **self._options(logits)
         )
         if self.pointwise_weight is not None:
-            elements = elements * v.on_device_of("pointwise_weight", self.pointwise_weight, elements)
+            elements = elements * v.on_device_of("pointwise_weight", self.pointwise_weight, elements).to(elements.dtype)
         return elements
 
     def sums(
@@ -215,7 +234,9 @@ class BinaryTasks(TaskGroup):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         logits, labels, weights, mask = inputs
         if self.pointwise_weight is not None:
+            # float64 like every option (the Task's exact float): the kernel's scale takes its compute dtype.
             pointwise = v.on_device_of("pointwise_weight", self.pointwise_weight, logits)
+            pointwise = pointwise.to(functional.compute_dtype(logits.dtype))
             scale = pointwise if scale is None else pointwise * scale
         if not self._used:  # plain BCE: the keyword arguments cost more than the tiny batches' math
             return functional.unchecked_multi_task_bce(
@@ -269,7 +290,7 @@ class MulticlassTasks(TaskGroup):
             "num_classes", None if index is None else torch.tensor(known, dtype=torch.long), persistent=False
         )
         smoothing = [0.0 if task is None else task.label_smoothing for task in tasks]
-        self.register_buffer("label_smoothing", _vector(smoothing, 0.0), persistent=False)
+        self.register_option("label_smoothing", _vector(smoothing, 0.0))
 
     def extra_repr(self) -> str:
         return f"tasks={len(self.positions)}, classes={self.classes}"

@@ -19,9 +19,10 @@ def task_counts(
     """How many entries of each task are labelled: ``mask.sum(0)``, or the batch size without a mask."""
     if mask is None:
         return torch.full((num_tasks,), float(batch), dtype=dtype, device=device)
-    # Summing the mask as floats: a bool reduction over rows is many times slower on the CPU.
-    # Counts stay exact integers in float32 up to 2**24 rows.
-    return column_sums(mask.to(dtype))
+    # Summing the mask as floats: a bool reduction over rows is many times slower on the CPU, and so
+    # is converting bools, so its bytes are converted. Counts stay exact integers in float32 up to
+    # 2**24 rows.
+    return column_sums(mask.view(torch.uint8).to(dtype))
 
 
 GlobalReduction = Literal["mean", "sum", "min", "max", "median"]

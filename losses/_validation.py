@@ -171,11 +171,10 @@ def check_real_tensors(**tensors: Any) -> None:
 def check_same_device(logits: torch.Tensor, **tensors: Optional[torch.Tensor]) -> None:
     """Raise a ``ValueError`` naming the first tensor that is not on the device of ``logits`` (reads no data).
 
-    Meta logits (shape inference) take the other tensors from anywhere.
+    Meta logits too: torch's kernels refuse a CPU label beside them with an error that names no
+    argument. (A loss's own buffers are another matter: :func:`on_device_of` lends them to meta logits.)
     """
     device = logits.device
-    if device.type == "meta":
-        return
     for name, tensor in tensors.items():
         if tensor is not None and tensor.device != device:
             raise ValueError(f"Expected `{name}` on the device of `logits` ({device}), got {tensor.device}.")

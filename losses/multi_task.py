@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, Optional, Union
 
 import torch
@@ -98,6 +98,13 @@ def _from_specs(
     return tensor
 
 
+def _holds(buffer: torch.Tensor, values: tuple[float, ...]) -> bool:
+    """Whether ``buffer`` holds ``values`` rounded to its dtype (a meta buffer holds nothing)."""
+    if buffer.device.type == "meta" or not buffer.is_floating_point():
+        return False
+    return torch.equal(buffer, torch.tensor(values, dtype=buffer.dtype, device=buffer.device))
+
+
 class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
     r"""Creates a criterion that computes one loss per task over a ``[B, T]`` block and reduces them.
 
@@ -177,12 +184,14 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
     Buffers ``pos_weight`` and ``task_weight`` (shape ``[T]``) are always registered, so they follow
     ``model.to(...)`` and sit in the model's ``state_dict``. The options of Task specs (focal
     parameters, smoothing, sampling rates, column maps) are buffers of the submodule ``kinds``, one
-    row per kind, not persistent: they follow ``.to()`` and come from the specs, not the checkpoint,
-    so a ``state_dict`` has the same two keys whatever the tasks. Labels, weights or a mask on
-    another device than the logits are a ``ValueError`` naming them. Logits on another device than the
+    row per kind, not persistent, float64 holding the Tasks' Python floats under any dtype cast:
+    they follow ``.to()`` and come from the specs, not the checkpoint, so a ``state_dict`` has the
+    same two keys whatever the tasks. Labels, weights or a mask on another device than the logits
+    are a ``ValueError`` naming them (``meta`` logits included). Logits on another device than the
     buffers are a ``ValueError``, except ``meta`` logits: shape inference works without moving the
-    loss (with ``check_inputs=True`` too, whose value checks skip meta tensors). Reductions other than ``mean`` warn
-    once, at construction: only ``mean`` gives DDP gradients equal to single-process gradients.
+    loss (with ``check_inputs=True`` too, whose value checks skip meta tensors). Reductions other
+    than ``mean`` warn once, at construction: only ``mean`` gives DDP gradients equal to
+    single-process gradients.
 
     Shape:
         - logits: :math:`(B, T)` for BCE, :math:`(B, T, C)` for cross-entropy; with Task specs
@@ -253,6 +262,18 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
         self.register_buffer(
             "task_weight", _from_specs("task_weights", task_weights, "weight", specs, self.tasks, [True] * num_tasks)
         )
+        #: The Python floats of the buffers as given (by the Tasks, or as numbers), for :meth:`_apply`.
+        self._spec_floats: dict[str, tuple[float, ...]] = {}
+        for name, argument, field in (
+            ("pos_weight", pos_weights, "pos_weight"),
+            ("task_weight", task_weights, "weight"),
+        ):
+            if argument is None:
+                self._spec_floats[name] = tuple(1.0 if spec is None else float(getattr(spec, field)) for spec in specs)
+            elif not isinstance(argument, torch.Tensor):  # a sequence or an array of numbers, checked above
+                import numpy
+
+                self._spec_floats[name] = tuple(float(x) for x in numpy.asarray(argument, dtype=numpy.float64))
         self._build_groups(specs, kinds)
         self._keys = tuple(f"loss/{task}" for task in self.tasks)
         if self.ranking is not None and self.task_loss_reduction == "none":
@@ -278,6 +299,22 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
             )
         warn_unless_mean("task_loss_reduction", self.task_loss_reduction)
         warn_unless_mean("global_reduction", self.global_reduction)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MultiTaskLoss:
+        # A dtype cast of a buffer that still holds the Tasks' values takes them from the Python
+        # floats, not from their float32 rounding: Task(pos_weight=0.1) is 0.1 in a `.double()` loss.
+        # A buffer loaded with other values (a checkpoint) is cast as it is.
+        kept = {
+            name: values
+            for name, values in getattr(self, "_spec_floats", {}).items()
+            if _holds(getattr(self, name), values)
+        }
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
+        for name, values in kept.items():
+            buffer = getattr(self, name)
+            if buffer.is_floating_point():
+                setattr(self, name, torch.tensor(values, dtype=buffer.dtype, device=buffer.device))
+        return self
 
     def _build_groups(self, specs: Sequence[Optional[Task]], kinds: Sequence[str]) -> None:
         """One row per kind present (the table in ``losses._task_groups``), and the layout of the logits."""
@@ -312,6 +349,8 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
             for row in groups:
                 row.logit_starts = tuple(starts[t] for t in row.positions)
         self.kinds = nn.ModuleList(groups)
+        #: Each row's option buffers, checked in every call (see _check_shapes).
+        self._option_names = tuple((group, name) for group in groups for name in group.option_names())
         # The same rows as a tuple, read in forward: indexing a ModuleList costs a microsecond a call.
         self._groups: tuple[TaskGroup, ...] = tuple(groups)
         self.split = RowSplit(positions, logit_columns)
@@ -357,10 +396,11 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
         mask: Optional[torch.Tensor],
         group_ids: Optional[torch.Tensor] = None,
     ) -> dict[str, torch.Tensor]:
-        self._check_shapes(logits, labels, weights, mask)
+        pos_weight, task_weight = self.pos_weight, self.task_weight  # each a module attribute lookup: once
+        self._check_shapes(logits, labels, weights, mask, pos_weight, task_weight)
         ranking = None if self.ranking is None else self.ranking.sums(logits, labels, weights, mask, group_ids)
-        pos_weight = v.on_device_of("pos_weight", self.pos_weight, logits)
-        task_weight = v.on_device_of("task_weight", self.task_weight, logits)
+        pos_weight = v.on_device_of("pos_weight", pos_weight, logits)
+        task_weight = v.on_device_of("task_weight", task_weight, logits)
         if self._one_plain_task and mask is None and (self.normalize == "local" or not distributed.is_distributed()):
             if self.check_inputs:
                 self._check_values([(logits, labels, weights, mask)], weights)
@@ -428,11 +468,21 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
         return self._result(task_losses.unbind(), task_losses, task_weight, total)
 
     def _check_shapes(
-        self, logits: torch.Tensor, labels: torch.Tensor, weights: Optional[torch.Tensor], mask: Optional[torch.Tensor]
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        weights: Optional[torch.Tensor],
+        mask: Optional[torch.Tensor],
+        pos_weight: torch.Tensor,
+        task_weight: torch.Tensor,
     ) -> None:
         """The layouts: ``[B, T, C]`` when every task is multi-class, else ``[B, D]`` (``[B, T]`` without classes)."""
+        # The constants too: torch.func.functional_call may hand in a replacement that requires grad.
+        constants = (("pos_weight", pos_weight), ("task_weight", task_weight))
+        if self._option_names:
+            constants += tuple((name, getattr(group, name)) for group, name in self._option_names)
         checks.check_multi_task_loss_inputs(
-            logits, labels, weights, mask, len(self.tasks), self._class_layout, self._width
+            logits, labels, weights, mask, len(self.tasks), self._class_layout, self._width, constants
         )
 
     def _result(

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, jacrev, jvp, vmap
 
-from losses import MultiTaskLoss
+from losses import MultiTaskLoss, Task
 
 # torch's first jvp builds its decompositions with torch.jit.script, which warns in torch 2.13.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
@@ -131,3 +131,32 @@ def test_cross_entropy_tasks():
     ours = grad(lambda z: loss(z, labels)["loss"])(x)
     ref = grad(lambda z: (F.cross_entropy(z[:, 0], labels[:, 0]) + F.cross_entropy(z[:, 1], labels[:, 1])) / 2)(x)
     torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+@pytest.mark.parametrize(
+    ("tasks", "buffer", "name"),
+    [
+        (["a"], "pos_weight", "pos_weight"),  # one plain task: torch's own BCE call
+        (["a", "b", "c"], "pos_weight", "pos_weight"),  # the fused node
+        (["a", "b", "c"], "task_weight", "task_weight"),
+        (
+            [Task("a", focal_gamma=2.0), Task("b", label_smoothing=0.1), Task("c", kind="regression")],
+            "kinds.0.focal_gamma",
+            "focal_gamma",
+        ),
+        ([Task("a", label_smoothing=0.1), "b"], "kinds.0.label_smoothing", "label_smoothing"),
+    ],
+)
+def test_functional_call_with_a_buffer_that_requires_grad_is_refused(tasks, buffer, name, use_mask):
+    # The fused gradient covers the logits only: a learnable replacement for a buffer would
+    # silently get no gradient (issue 19), so it is refused like a learnable label.
+    loss = MultiTaskLoss(tasks)
+    columns = len(tasks)
+    x, y = torch.randn(8, columns), (torch.rand(8, columns) < 0.5).float()
+    mask = torch.rand(8, columns) < 0.8 if use_mask else None
+    replacement = getattr(loss.get_submodule(buffer.rpartition(".")[0]), name).detach().clone().requires_grad_()
+    with pytest.raises(ValueError, match=rf"Expected `{name}` not to require grad: it is a constant of the loss"):
+        torch.func.functional_call(loss, {buffer: replacement}, (x, y), {"mask": mask})
+    out = torch.func.functional_call(loss, {buffer: replacement.detach()}, (x, y), {"mask": mask})
+    torch.testing.assert_close(out["loss"], loss(x, y, mask=mask)["loss"])

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from losses import BCEWithLogitsLoss, CrossEntropyLoss, MultiTaskLoss
+from losses import BCEWithLogitsLoss, CrossEntropyLoss, MultiTaskLoss, Task
 
 
 def meta(*shape, dtype=torch.float32):
@@ -85,3 +85,28 @@ def test_a_meta_module_called_with_real_tensors_is_a_named_error():
         loss(torch.zeros(4, 2), torch.zeros(4, 2))
     with pytest.raises(ValueError, match=r"`logits` on the device of the loss's `weight` \(meta\), got cpu"):
         CrossEntropyLoss(weight=[1.0, 2.0]).to("meta")(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("argument", ["labels", "weights", "mask"])
+@pytest.mark.parametrize(
+    ("tasks", "columns"),
+    [
+        (["a", "b", "c"], 3),  # [B, T]
+        ([Task("a"), Task("c", kind="multiclass", num_classes=3), Task("r", kind="regression")], 5),  # [B, D]
+        ([Task("c", kind="multiclass", num_classes=3), Task("d", kind="multiclass", num_classes=3)], (2, 3)),
+    ],
+)
+def test_meta_logits_with_cpu_inputs_are_a_named_error(tasks, columns, argument):
+    # Torch's own error ("Tensor on device cpu is not on the expected device meta!") names nothing.
+    loss = MultiTaskLoss(tasks)
+    shape = (4, *columns) if isinstance(columns, tuple) else (4, columns)
+    inputs = {
+        "labels": meta(4, len(tasks), dtype=torch.long if isinstance(columns, tuple) else torch.float32),
+        "weights": meta(4, len(tasks)),
+        "mask": meta(4, len(tasks), dtype=torch.bool),
+    }
+    inputs[argument] = torch.zeros_like(inputs[argument], device="cpu")
+    with pytest.raises(ValueError, match=rf"Expected `{argument}` on the device of `logits` \(meta\), got cpu\."):
+        loss(meta(*shape), **inputs)
+    inputs[argument] = inputs[argument].to("meta")
+    assert loss(meta(*shape), **inputs)["loss"].device.type == "meta"

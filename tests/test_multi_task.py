@@ -659,3 +659,62 @@ def test_complex_cross_entropy_labels_are_a_named_error():
     loss = MultiTaskLoss(TASKS[:2], loss_type="cross_entropy")
     with pytest.raises(TypeError, match="`labels` to hold real numbers, got dtype torch.complex64"):
         loss(torch.zeros(4, 2, 3), torch.zeros(4, 2, dtype=torch.complex64))
+
+
+class TestWideAndTiledMaskedBlocks:
+    """Issue 19: narrow blocks run as [B / R, R T] tiles and the mask zeroes through the bits."""
+
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+    @pytest.mark.parametrize(
+        ("batch", "tasks"),
+        [(16384, 4), (16384, 16), (65536, 1), (16388, 16), (2048, 3)],  # tiled x3, untiled (16388 % 16), too small
+    )
+    @pytest.mark.parametrize("focal", [False, True])
+    def test_matches_torch_with_nan_at_unlabelled_entries(self, batch, tasks, dtype, focal):
+        from losses import Task
+
+        gen = torch.Generator().manual_seed(batch + tasks)
+        logits = (torch.randn(batch, tasks, generator=gen, dtype=torch.float64) * 3).to(dtype)
+        labels = (torch.rand(batch, tasks, generator=gen) < 0.3).to(dtype)
+        weights = (torch.rand(batch, tasks, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+        mask = torch.rand(batch, tasks, generator=gen) < 0.8
+        pos_weight = torch.linspace(0.5, 3.0, tasks, dtype=torch.float64)
+        gamma = (
+            torch.linspace(0.0, 2.0, tasks, dtype=torch.float64) if focal else torch.zeros(tasks, dtype=torch.float64)
+        )
+        specs = [Task(f"t{t}", pos_weight=float(pos_weight[t]), focal_gamma=float(gamma[t])) for t in range(tasks)]
+        loss = MultiTaskLoss(specs).to(dtype)
+        nan_labels = torch.where(mask, labels, float("nan"))
+        nan_logits = torch.where(mask, logits, float("nan")).requires_grad_()
+        out = loss(nan_logits, nan_labels, weights, mask)
+        out["loss"].backward()
+        # The reference: float64, labelled entries only, torch's BCE or the focal formula.
+        x = logits.double().requires_grad_()
+        y, w, m = labels.double(), weights.double(), mask.double()
+        p = torch.sigmoid(x)
+        if focal:
+            elements = -(pos_weight * y * (1 - p) ** gamma * torch.log(p) + (1 - y) * p**gamma * torch.log(1 - p))
+        else:
+            elements = F.binary_cross_entropy_with_logits(x, y, pos_weight=pos_weight, reduction="none")
+        task_losses = (torch.where(mask, elements * w, 0.0)).sum(0) / m.sum(0)
+        task_losses.mean().backward()
+        tolerance = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 1e-6}
+        torch.testing.assert_close(out["loss"].double(), task_losses.mean().detach(), **tolerance)
+        for t in range(tasks):
+            torch.testing.assert_close(out[f"loss/t{t}"].double(), task_losses[t].detach(), **tolerance)
+        assert torch.equal(nan_logits.grad[~mask], torch.zeros_like(nan_logits.grad[~mask]))
+        torch.testing.assert_close(nan_logits.grad.double(), x.grad, **tolerance)
+
+    def test_which_blocks_are_tiled(self):
+        from losses._fused_bce import _rows_per_tile
+
+        def rows(batch, tasks, weights=None):
+            block = torch.zeros(batch, tasks)
+            return _rows_per_tile(block, block, weights, None)
+
+        assert [rows(16384, 16), rows(8192, 4), rows(65536, 1), rows(4096, 64)] == [16, 64, 256, 4]
+        assert [rows(512, 64), rows(512, 8), rows(4096, 16)] == [1, 1, 1]  # too few entries to pay off
+        assert rows(16388, 16) == 1  # 16 rows do not divide 16388
+        assert rows(4096, 128) == 1  # wide enough
+        assert rows(16384, 16, torch.zeros(16384, 1)) == 1  # [B] weights broadcast per row
+        assert rows(16384, 16, torch.zeros(16, 16384).t()) == 1  # not contiguous

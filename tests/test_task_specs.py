@@ -498,7 +498,8 @@ class TestMixedBlocks:
             out = clone(logits, labels, weights, mask)
             for key in expected:
                 torch.testing.assert_close(out[key], expected[key])
-        assert loss.float().kinds[0].focal_gamma.dtype == torch.float32
+        # The options stay the Tasks' Python floats, in float64, under a cast (issue 19).
+        assert loss.float().kinds[0].focal_gamma.dtype == torch.float64
 
     def test_meta_logits_give_shapes(self):
         loss = MultiTaskLoss(MIXED)
@@ -715,3 +716,63 @@ def test_ddp_gradient_of_a_mixed_block_equals_one_process(ranks):
         average = sum(values[key] for _, values in results) / 2
         assert average == pytest.approx(out[key].item(), rel=1e-10, abs=1e-12), key
     assert math.isfinite(out["loss"].item())
+
+
+class TestOptionsKeepThePythonFloats:
+    """Issue 19: a Task's options were float32 buffers, so a float64 loss used 0.1 to seven digits."""
+
+    TASKS = (
+        Task(
+            "a",
+            pos_weight=0.1,
+            weight=0.7,
+            label_smoothing=0.1,
+            focal_gamma=0.3,
+            focal_alpha=0.1,
+            neg_sampling_rate=0.3,
+        ),
+        Task("b", pos_weight=3.3, neg_sampling_rate=0.7),
+    )
+
+    def test_a_float64_loss_uses_the_exact_values(self):
+        logits, labels, weights, mask = _batch(self.TASKS, batch=64)
+        loss = MultiTaskLoss(self.TASKS).double()
+        out = loss(logits, labels, weights, mask)
+        f64 = {"dtype": torch.float64}
+        expected, _ = functional.multi_task_bce(
+            logits,
+            labels,
+            torch.tensor([0.1, 3.3], **f64),
+            weights,
+            mask,
+            1.0 / mask.sum(0).double(),
+            focal_gamma=torch.tensor([0.3, 0.0], **f64),
+            focal_alpha=torch.tensor([0.1, math.nan], **f64),
+            label_smoothing=torch.tensor([0.1, 0.0], **f64),
+            neg_sampling_rate=torch.tensor([0.3, 0.7], **f64),
+        )
+        torch.testing.assert_close(torch.stack([out["loss/a"], out["loss/b"]]), expected, rtol=1e-14, atol=0)
+        torch.testing.assert_close(out["loss"], (0.7 * expected[0] + expected[1]) / 2, rtol=1e-14, atol=0)
+
+    @pytest.mark.parametrize("cast", [torch.float32, torch.bfloat16, torch.float16])
+    def test_a_dtype_cast_keeps_them(self, cast):
+        loss = MultiTaskLoss(self.TASKS).to(cast)
+        row = loss.kinds[0]
+        assert row.label_smoothing.dtype == torch.float64
+        assert row.label_smoothing.tolist() == [0.1, 0.0]
+        assert row.focal_alpha.tolist()[0] == 0.1
+        assert row.neg_sampling_rate.tolist() == [0.3, 0.7]
+        assert loss.pos_weight.dtype == cast  # the module's own buffers follow its dtype ...
+        loss = loss.double()  # ... and come back exact, not from their rounding
+        assert loss.pos_weight.tolist() == [0.1, 3.3]
+        assert loss.task_weight.tolist() == [0.7, 1.0]
+
+    def test_numbers_given_as_arguments_come_back_exact_too(self):
+        loss = MultiTaskLoss(["a", "b"], pos_weights=[0.1, 3.3], task_weights=(0.7, 1.0)).double()
+        assert loss.pos_weight.tolist() == [0.1, 3.3]
+        assert loss.task_weight.tolist() == [0.7, 1.0]
+
+    def test_a_loaded_checkpoint_is_cast_as_it_is(self):
+        loss = MultiTaskLoss(self.TASKS)
+        loss.load_state_dict({"pos_weight": torch.tensor([2.0, 0.2]), "task_weight": torch.tensor([1.0, 1.0])})
+        assert loss.double().pos_weight.tolist() == torch.tensor([2.0, 0.2]).double().tolist()

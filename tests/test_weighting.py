@@ -217,6 +217,45 @@ def test_state_dict_round_trip_continues_the_same_weights(method):
             assert torch.equal(out["loss"], expected["loss"])
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("method", METHODS)
+def test_a_non_finite_task_loss_is_skipped_as_a_zero_loss(method, bad):
+    # Every method, against a twin fed 0 where the other gets NaN or inf: same weights, same
+    # "loss", same state, a zero gradient for the skipped task, and nothing non-finite kept.
+    sequence = _loss_sequence(6, seed=5)
+    skipping, twin = METHODS[method]().double(), METHODS[method]().double()
+    for step, values in enumerate(sequence):
+        poisoned = list(values)
+        if step in (1, 2, 4):  # inside DWA's windows and at their ends (window 2)
+            poisoned[1], values = bad, [values[0], 0.0, values[2]]
+        task_losses, losses = _losses(poisoned, requires_grad=True)
+        twin_losses, expected_losses = _losses(values, requires_grad=True)
+        out, expected = skipping(losses), twin(expected_losses)
+        assert torch.equal(_weights(out), _weights(expected))
+        assert torch.equal(out["loss"], expected["loss"])
+        assert math.isfinite(out["loss"].item())
+        assert out["loss/fav"].item() == poisoned[1] or math.isnan(poisoned[1])  # the entry keeps its value
+        out["loss"].backward()
+        expected["loss"].backward()
+        gradient = twin_losses.grad.clone()
+        if step in (1, 2, 4):
+            gradient[1] = 0.0
+        assert torch.equal(task_losses.grad, gradient)
+        for ours, theirs in zip(skipping.parameters(), twin.parameters(), strict=True):
+            assert torch.equal(ours.grad, theirs.grad)
+            assert ours.grad.isfinite().all()
+    state, twin_state = skipping.state_dict(), twin.state_dict()
+    for key in state:
+        value = state[key]
+        if key == "_extra_state":
+            assert value.keys() == twin_state[key].keys()
+            for name in value:
+                assert torch.equal(torch.as_tensor(value[name]), torch.as_tensor(twin_state[key][name]))
+        else:
+            assert torch.equal(value, twin_state[key])
+            assert value.isfinite().all()
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_to_moves_state_and_keeps_the_loss_dtype(method):
     weighting = METHODS[method]()

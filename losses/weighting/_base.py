@@ -32,6 +32,15 @@ class TaskWeighting(distributed.HoldsProcessGroup, nn.Module):
     the same number of labelled entries per task, or with ``MultiTaskLoss(normalize="global")``.
     All ranks then run the same arithmetic on the same all-reduced numbers and get the same bits.
 
+    A non-finite task loss (NaN or infinite: a NaN label, an overflowing logit) is skipped: for this
+    call the task counts as a task without a labelled entry, a loss of 0. The method sees 0 (DWA
+    adds 0 to its window, GLS leaves the task out of its product), the task adds nothing to
+    ``"loss"``, its task loss gets a zero gradient, and the method's state (DWA's window, a learned
+    :math:`s_t` and its gradient) stays finite. Its ``"loss/<task>"`` entry keeps the
+    non-finite value, so a logger still shows it; ``MultiTaskLoss(check_inputs=True)`` finds the
+    entry that caused it. Skipping costs nothing on the host: refusing would have to read the
+    value, a wait on the device every step (and on one rank only, a hang of the others).
+
     A new method is a subclass that implements :meth:`weights` (and :meth:`penalty` if it has
     one); the rest is here.
 
@@ -61,7 +70,10 @@ class TaskWeighting(distributed.HoldsProcessGroup, nn.Module):
         return None
 
     def forward(self, losses: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # A non-finite task loss is replaced by 0 before anything reads it, not multiplied by a zero
+        # weight after: 0 * NaN is NaN, in the value and in the gradient of the weights.
         task_losses = self._task_losses(losses)
+        task_losses = torch.where(torch.isfinite(task_losses.detach()), task_losses, 0.0)
         weights = self.weights(task_losses.detach()).to(task_losses.dtype)
         total = (weights * task_losses).sum()
         penalty = self.penalty()
