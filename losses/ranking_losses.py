@@ -73,14 +73,12 @@ def _ndcg_swap(ragged: Ragged, higher: torch.Tensor, lower: torch.Tensor) -> tor
     positions = (torch.arange(labels.numel(), device=labels.device) - runs.start).to(gains.dtype)  # ideal ranks
     ideal = torch.zeros_like(gains).index_add_(0, runs.run, gains / torch.log2(positions + 2))
     ranks = _ragged.logit_ranks(ragged.keys, ragged.flat_logits, runs).to(gains.dtype)
-    discounts = 1 / torch.log2(ranks + 2)
-    # A pair has a higher label above 0, so its group's ideal DCG is positive.
-    ideal_of_pair = ideal.index_select(0, runs.run.index_select(0, higher)).clamp_min(torch.finfo(gains.dtype).tiny)
-    return (
-        (gains.index_select(0, higher) - gains.index_select(0, lower)).abs()
-        * (discounts.index_select(0, higher) - discounts.index_select(0, lower)).abs()
-        / ideal_of_pair
-    )
+    # The ideal DCG is one per group, so divide the gains by it per row (N values, not P pairs), and
+    # gather both row quantities of each pair member at once.
+    tiny = torch.finfo(gains.dtype).tiny  # rows of a group with no gain are in no pair
+    per_row = torch.stack([gains / ideal.index_select(0, runs.run).clamp_min(tiny), 1 / torch.log2(ranks + 2)])
+    difference = (per_row.index_select(1, higher) - per_row.index_select(1, lower)).abs()
+    return difference[0] * difference[1]
 
 
 def _pair_term(
