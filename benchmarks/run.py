@@ -253,7 +253,7 @@ def render(rows: list[dict[str, Any]], sync: Optional[dict[int, dict[str, float]
         "`masked_fill` or `where` it replaces costs about ten, and a bool-to-float conversion about four",
         "times a byte-to-float one. So the forward is 13 passes with a mask against 8 without, the",
         "backward 6 against 5. Narrow blocks (at most",
-        "8 columns from 32768 entries, at most 64 from 262144; contiguous, `[B, T]` weights) run as",
+        "8 columns from 32768 entries, at most 16 from 262144; contiguous, `[B, T]` weights) run as",
         "`[B / R, R T]` tiles of the same memory with the `[T]` vectors repeated `R` times: a per-task",
         "operand along a short last dimension runs one short loop per row, several times slower.",
         "",

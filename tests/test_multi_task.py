@@ -712,9 +712,9 @@ class TestWideAndTiledMaskedBlocks:
             block = torch.zeros(batch, tasks)
             return _rows_per_tile(block, block, weights, None)
 
-        assert [rows(16384, 16), rows(8192, 4), rows(65536, 1), rows(4096, 64)] == [16, 64, 256, 4]
+        assert [rows(16384, 16), rows(8192, 4), rows(65536, 1), rows(65536, 3)] == [16, 64, 256, 128]
         assert [rows(512, 64), rows(512, 8), rows(4096, 16)] == [1, 1, 1]  # too few entries to pay off
         assert rows(16388, 16) == 1  # 16 rows do not divide 16388
-        assert rows(4096, 128) == 1  # wide enough
+        assert [rows(4096, 32), rows(65536, 64)] == [1, 1]  # wide enough
         assert rows(16384, 16, torch.zeros(16384, 1)) == 1  # [B] weights broadcast per row
         assert rows(16384, 16, torch.zeros(16, 16384).t()) == 1  # not contiguous
