@@ -1,25 +1,42 @@
 """The demo runs end to end, on one process and under torchrun on two, and reports a sensible table."""
 
 import re
+import struct
 import sys
 
+import matplotlib
 import pytest
+import torch
 
 TIMEOUT = 180
 ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
 
 
 def _table(output):
-    rows = re.findall(r"^(\w+)\s+([\d.]+)%\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+", output, flags=re.MULTILINE)
+    """Per task of the loss table: positives (%), held-out loss of the trained, optimal and base-rate model."""
+    rows = re.findall(r"^(\w+)\s+([\d.]+)%\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+-?\d+%$", output, flags=re.MULTILINE)
     return {name: tuple(float(v) for v in values) for name, *values in rows}
 
 
-def _ranking_columns(output):
-    """Per task of the final table: NE of the trained model, of the Bayes-optimal one, calibration."""
-    rows = re.findall(
-        r"^(\w+)\s+[\d.]+%(?:\s+[\d.]+){3}\s+\d+%\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", output, re.MULTILINE
-    )
-    return {name: tuple(float(v) for v in values) for name, *values in rows}
+def _ranking_table(output):
+    """Per task of the ranking table: {metric: (trained, Bayes-optimal)}, the metrics named by its header."""
+    lines = output.split("held-out ranking metrics per task")[1].splitlines()
+    metrics, columns = lines[1].split(), lines[2].split()
+    assert columns == ["task"] + ["trained", "optimal"] * len(metrics)
+    table = {}
+    for line in lines[3:]:
+        if not re.match(r"^\w+(\s+[\d.]+)+$", line):
+            break
+        name, *values = line.split()
+        table[name] = {metric: (float(values[2 * i]), float(values[2 * i + 1])) for i, metric in enumerate(metrics)}
+    return table
+
+
+def _png_size(path):
+    """Width and height of a PNG, from its header."""
+    header = path.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", header[16:24])
 
 
 def _logged_ranking(output):
@@ -49,19 +66,27 @@ def test_demo_trains_towards_the_optimal_loss(tmp_path, command):
     assert 5.0 < table["feedback"][0] < 15.0  # about 10% of impressions get negative feedback
     assert "step   300: global loss" in output
     assert re.search(r"^step   300: global loss .*, share [\d.]+, feedback [\d.]+\)$", output, re.MULTILINE)
-    ranking = _ranking_columns(output)
+    ranking = _ranking_table(output)
     assert list(ranking) == list(table)
-    for name, (ne, ne_optimal, calibration) in ranking.items():
-        # Better than the base rate (NE 1), not better than the generating model, roughly calibrated.
+    for name, metrics in ranking.items():
+        assert list(metrics) == ["NE", "calibration"]
+        # Better than the base rate (NE 1), not better than the generating model, roughly calibrated;
+        # the generating model calibrated up to the noise of about 50 positives (share).
+        ne, ne_optimal = metrics["NE"]
         assert ne_optimal < ne < 1.0, name
+        calibration, calibration_optimal = metrics["calibration"]
         assert 0.6 < calibration < 1.6, name
+        assert 0.7 < calibration_optimal < 1.3, name
     logged = _logged_ranking(output)
     assert sorted(logged) == [100, 200, 300]
     for name, (rce, calibration) in logged[300].items():
         assert 0.0 < rce < 100.0, name
         assert 0.6 < calibration < 1.6, name
-    if "matplotlib not installed" not in output:
-        assert plot.stat().st_size > 10_000
+    assert f"training curves: {plot.resolve()}" in output
+    width, height = _png_size(plot)
+    assert width >= 1000
+    assert height >= 400
+    assert plot.stat().st_size > 30_000
 
 
 def test_demo_under_torchrun_shows_local_and_global_losses(tmp_path, command):
@@ -93,7 +118,7 @@ def test_demo_under_torchrun_shows_local_and_global_losses(tmp_path, command):
         # Equal batch sizes: the global loss is the mean of the two ranks' own means.
         assert at_step[0][0] == pytest.approx((at_step[0][1] + at_step[1][1]) / 2, abs=2e-4)
     assert list(_table(output)) == ["click", "fav", "repost", "feedback"]
-    assert list(_ranking_columns(output)) == ["click", "fav", "repost", "feedback"]
+    assert list(_ranking_table(output)) == ["click", "fav", "repost", "feedback"]
     # One line of global RCE and calibration per logged step, printed once (rank 0).
     assert sorted(_logged_ranking(output)) == [50, 100]
     assert output.count("| calibration ") == 2
@@ -118,3 +143,43 @@ def test_demo_compares_task_weightings(tmp_path, command):
     own = [float(v) for v in re.findall(r"^click\s+[\d.]+%(?:\s+[\d.]+){3}\s+(\d+)%", output, re.MULTILINE)]
     assert own == pytest.approx(gaps["click"], abs=0.5)
     assert all(0 < gap <= 100 for row in gaps.values() for gap in row)
+
+
+def test_figure_has_a_panel_per_metric_with_the_optimum_as_reference():
+    matplotlib.use("Agg")  # before pyplot loads: no display
+    import matplotlib.pyplot as plt
+
+    from demo.train import RANKED, Curve, Row, figure
+
+    tasks = ["click", "share", "feedback"]
+    curve = Curve()
+    for step in (100, 200, 300):
+        losses = {f"loss/{task}": torch.tensor(0.5 - step / 1000) for task in tasks}
+        ranked = {f"{metric.key}/{task}": torch.tensor(0.8) for metric in RANKED for task in tasks[:2]}
+        curve.add(step, {**losses, "loss": torch.tensor(0.4)}, ranked)
+    rows = [
+        Row(task, 0.1, (0.5, 0.3 + t / 10, 0.7), {m.key: 0.9 for m in RANKED}, {m.key: 0.8 - t / 10 for m in RANKED})
+        for t, task in enumerate(tasks)
+    ]
+    fig = figure(curve, rows, "title")
+    assert len(fig.axes) == 1 + len(RANKED)
+    loss_panel, *ranked_panels = fig.axes
+    # Solid: a curve per task and the mean; dashed: each one's optimum (the mean's is the mean optimum).
+    dashed = [line for line in loss_panel.get_lines() if line.get_linestyle() == "--"]
+    assert sorted(line.get_ydata()[0] for line in dashed) == pytest.approx([0.3, 0.4, 0.4, 0.5])
+    for ax, metric in zip(ranked_panels, RANKED, strict=True):
+        solid = [line for line in ax.get_lines() if line.get_linestyle() == "-"]
+        dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+        # The feedback has no training curve of its binary event: only the engagements are drawn.
+        assert len(solid) == len(dashed) == 2
+        assert [line.get_ydata()[0] for line in dashed] == pytest.approx([0.8, 0.7])
+        assert ax.get_ylabel() == metric.label
+        assert ax.get_xlabel() == "training step"
+    legend = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert legend == [
+        *tasks,
+        "mean of the tasks",
+        "trained model, last logging window",
+        "Bayes-optimal model, held out",
+    ]
+    plt.close(fig)
