@@ -32,6 +32,7 @@ class Elements(NamedTuple):
     logits: torch.Tensor  #: x, the logit
     weight: torch.Tensor  #: s, the effective weight: positive mass plus negative mass over the rate
     positive: torch.Tensor  #: u, the positive mass w * y
+    sample_weight: Optional[torch.Tensor]  #: w, zero where unlabelled; None when every entry weighs 1
 
 
 def _prediction(e: Elements) -> torch.Tensor:
@@ -148,7 +149,7 @@ def elements(
         inverse_rates = neg_sampling_rates.detach().to(device=x.device, dtype=dtype).reciprocal()
         negative = (1.0 - y) if w is None else w - positive
         weight = negative.mul_(inverse_rates).add_(positive)
-    return Elements(x, weight, positive)
+    return Elements(x, weight, positive, w)
 
 
 def unchecked_ranking_sums(
@@ -161,7 +162,11 @@ def unchecked_ranking_sums(
     """:func:`ranking_sums` without its checks, for callers that made them."""
     if logits.dtype != torch.float64:
         logits = logits.to(torch.float32)
-    e = elements(logits, labels, weights, mask, neg_sampling_rates)
+    return sums_of_elements(elements(logits, labels, weights, mask, neg_sampling_rates))
+
+
+def sums_of_elements(e: Elements) -> torch.Tensor:
+    """The ``(K, T)`` float64 rows of :data:`SUM_ROWS` from a block's element quantities."""
     return torch.stack([_column_sums64(row(e)) for row in SUM_ROWS.values()])
 
 
