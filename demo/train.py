@@ -99,15 +99,26 @@ class Ranked:
 
     key: str  # the metric's name in the keys "<key>/<task>" and "window_<key>/<task>"
     header: str  # over the table's pair of columns
+    title: str  # the panel's title
     label: str  # the panel's y-axis label
     digits: int  # decimals in the table
+    logged: bool = True  # in the training log and the plot, over the window; else held out only
 
+
+#: Histogram bins of the ranking metrics' AUC: on the demo's held-out rows within 1e-5 of the exact AUC.
+AUC_BINS = 4096
 
 #: The ranking metrics the demo shows; showing one more is one more row.
 RANKED = (
-    Ranked("ne", "NE", "NE (lower is better, 1 = base rate)", 4),
-    Ranked("calibration", "calibration", "calibration (predicted / observed)", 3),
+    Ranked("ne", "NE", "normalized entropy", "NE (lower is better, 1 = base rate)", 4),
+    Ranked("auc", "AUC", "ROC AUC", "AUC (higher is better, 0.5 = random)", 4),
+    Ranked("calibration", "calibration", "calibration", "predicted / observed positives", 3),
+    # Training rows are independent, without requests: the grouped AUC is held out only.
+    Ranked("gauc", "gAUC", "grouped AUC", "mean AUC within requests", 4, logged=False),
 )
+
+#: Rows of a held-out request (one user's feed); the grouped AUC is the mean AUC within requests.
+REQUEST_ROWS = 16
 
 
 @dataclass
@@ -172,15 +183,15 @@ def _ranking_metrics(tasks: list[str], logits: torch.Tensor, batch: Batch) -> di
     binary = torch.cat([logits[:, :engagements], _negative_feedback_logit(logits[:, engagements:])[:, None]], 1)
     labels = torch.cat([batch.labels[:, :engagements], (batch.labels[:, engagements:] > 0).float()], 1)
     # sync_on_compute=False: rank 0 evaluates alone.
-    metrics = MultiTaskRankingMetrics(tasks, sync_on_compute=False)
-    metrics.update(binary, labels, batch.weights, batch.mask)
+    metrics = MultiTaskRankingMetrics(tasks, auc_bins=AUC_BINS, sync_on_compute=False)
+    metrics.update(binary, labels, batch.weights, batch.mask, groups=batch.groups)
     return metrics.compute()
 
 
 def evaluate(ranker: Ranker, data: EngagementModel, rows: int, seed: int) -> list[Row]:
     """Per task on held-out rows: the positive share; the training objective of the trained, Bayes-optimal
     and base-rate models; the RANKED metrics of the trained and the Bayes-optimal model."""
-    batch = data.sample(rows, torch.Generator().manual_seed(seed + 10_000))
+    batch = data.sample(rows, torch.Generator().manual_seed(seed + 10_000), request_rows=REQUEST_ROWS)
     # Rank 0 evaluates alone, so a loss with normalize="global" (a collective) will not do.
     loss = MultiTaskLoss(ranker.specs)
     tasks = [spec.name for spec in ranker.specs]  # the engagements, then the feedback
@@ -224,30 +235,28 @@ def _panel_grid(panels: int) -> tuple[int, int]:
 
 
 def figure(curve: Curve, rows: list[Row], title: str) -> Any:
-    """The training curves as a ``matplotlib`` figure: a panel for the loss and one per RANKED metric, each
-    task in its own colour, solid over training, dashed at the Bayes-optimal model's held-out value."""
+    """The training curves as a ``matplotlib`` figure: a panel for the loss and one per logged RANKED metric,
+    each task in its own colour, solid over training, dashed at the Bayes-optimal model's held-out value."""
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    panels = [("loss", "training objective (loss)"), *((metric.key, metric.label) for metric in RANKED)]
+    panels = [("loss", "loss per task", "training objective"), *((m.key, m.title, m.label) for m in RANKED if m.logged)]
     grid = _panel_grid(len(panels))
-    fig, axes = plt.subplots(*grid, figsize=(5.2 * grid[1], 3.6 * grid[0] + 0.9), sharex=True, squeeze=False)
-    colours = {row.task: f"C{t}" for t, row in enumerate(rows)}
-    optimum = {
-        "loss": {row.task: row.losses[1] for row in rows},
-        **{metric.key: {row.task: row.optimal[metric.key] for row in rows} for metric in RANKED},
-    }
-    # The logged "loss" is the plain mean of the task losses; its optimum is the mean of theirs.
+    fig, axes = plt.subplots(*grid, figsize=(5.4 * grid[1], 3.5 * grid[0] + 1.0), sharex=True, squeeze=False)
+    # The logged "loss" is the plain mean of the task losses (black); its optimum is the mean of theirs.
+    colours = {**{row.task: f"C{t}" for t, row in enumerate(rows)}, "loss": "black"}
+    optimum = {metric.key: {row.task: row.optimal[metric.key] for row in rows} for metric in RANKED}
+    optimum["loss"] = {row.task: row.losses[1] for row in rows}
     optimum["loss"]["loss"] = sum(row.losses[1] for row in rows) / len(rows)
-    colours["loss"] = "black"
-    for ax, (key, label) in zip(axes.flat[: len(panels)], panels, strict=True):
+    for ax, (key, panel_title, label) in zip(axes.flat[: len(panels)], panels, strict=True):
         for task, colour in colours.items():
-            name = task if key == "loss" and task == "loss" else f"{key}/{task}"
+            name = "loss" if key == task == "loss" else f"{key}/{task}"
             if name not in curve.values:
                 continue
-            width = 2.2 if task == "loss" else 1.4
+            width = 2.2 if task == "loss" else 1.5
             ax.plot(curve.steps, curve.values[name], color=colour, linewidth=width)
-            ax.axhline(optimum[key][task], color=colour, linestyle="--", linewidth=width * 0.8, alpha=0.8)
+            ax.axhline(optimum[key][task], color=colour, linestyle="--", linewidth=width * 0.7, alpha=0.8)
+        ax.set_title(panel_title, fontsize=11)
         ax.set_ylabel(label, fontsize=10)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=9)
@@ -255,16 +264,14 @@ def figure(curve: Curve, rows: list[Row], title: str) -> Any:
         fig.delaxes(ax)
     for ax in axes[-1]:
         ax.set_xlabel("training step", fontsize=10)
-    handles = [Line2D([], [], color=colour, linewidth=2) for colour in colours.values()]
-    labels = [*(task if task != "loss" else "mean of the tasks" for task in colours)]
-    handles += [
-        Line2D([], [], color="grey", linewidth=1.6),
-        Line2D([], [], color="grey", linewidth=1.6, linestyle="--"),
-    ]
-    labels += ["trained model, last logging window", "Bayes-optimal model, held out"]
-    fig.suptitle(title, fontsize=11)
-    fig.legend(handles, labels, loc="lower center", ncol=math.ceil(len(labels) / 2), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.1 if grid[0] == 1 else 0.07, 1, 1))
+    fig.suptitle(title, fontsize=12)
+    tasks = [Line2D([], [], color=colour, linewidth=2) for colour in colours.values()]
+    names = [task if task != "loss" else "mean of the tasks" for task in colours]
+    fig.legend(tasks, names, loc="lower center", bbox_to_anchor=(0.5, 0.04), ncol=len(names), fontsize=9, frameon=False)
+    styles = [Line2D([], [], color="grey", linewidth=1.6, linestyle=style) for style in ("-", "--")]
+    kinds = ["trained model, over the last logging window", "Bayes-optimal model (the generating one), held out"]
+    fig.legend(styles, kinds, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.9 / (3.5 * grid[0] + 1.0), 1, 1))
     return fig
 
 
@@ -298,7 +305,7 @@ def train(args: argparse.Namespace, weighting: str = "equal") -> list[Row]:
     global_loss = MultiTaskGlobalLoss(tasks)  # synced across ranks by torchmetrics
     local_loss = MultiTaskGlobalLoss(tasks, sync_on_compute=False)  # this rank's own window
     # Never reset: its window_* values cover about the last logging period of the global batch.
-    ranking = MultiTaskRankingMetrics(engagements, window=args.log_every * args.batch_size * world)
+    ranking = MultiTaskRankingMetrics(engagements, window=args.log_every * args.batch_size * world, auc_bins=AUC_BINS)
     log_pos_weight = ranker.loss.pos_weight[: args.tasks].log()  # the shift pos_weight puts on the logits
     # Under normalize="global" a rank's training loss is its share of the global mean, not its own
     # mean; this plain loss gives the rank's own mean for display.
@@ -330,7 +337,9 @@ def train(args: argparse.Namespace, weighting: str = "equal") -> list[Row]:
             global_loss.reset()
             ranked = ranking.compute()  # every rank: it syncs
             curve.add(
-                step, window, {f"{m.key}/{t}": ranked[f"window_{m.key}/{t}"] for m in RANKED for t in engagements}
+                step,
+                window,
+                {f"{m.key}/{t}": ranked[f"window_{m.key}/{t}"] for m in RANKED if m.logged for t in engagements},
             )
             line = f"step {step:>5}: global loss {window['loss'].item():.4f}"
             applied = weights_text(losses, tasks)
@@ -352,6 +361,12 @@ def train(args: argparse.Namespace, weighting: str = "equal") -> list[Row]:
             )
             line += " | calibration " + ", ".join(
                 f"{name} {ranked[f'window_calibration/{name}'].item():.2f}" for name in engagements
+            )
+            line += (
+                "\n"
+                + " " * 13
+                + "AUC "
+                + ", ".join(f"{name} {ranked[f'window_auc/{name}'].item():.3f}" for name in engagements)
             )
             if rank == 0:
                 (progress.write if progress else print)(line)
@@ -411,7 +426,10 @@ def print_table(rows: list[Row]) -> None:
     print("NE: log loss of the probabilities over that of the positive rate (1 = base rate; lower is better);")
     print("calibration: predicted over observed positives (of the final model; the training log's window")
     print("values average the models of the last steps)")
-    print(f"{FEEDBACK}: multi-class ({classes}); positives, calibration and AUC are those of any negative")
+    print(f"AUC: over all held-out rows; gAUC: the mean AUC within requests of {REQUEST_ROWS} rows (one user's feed,")
+    print("whose rows share half their feature variance), weighted by their labelled weight, over the requests")
+    print("that hold a positive and a negative; what tells a user's items apart, without what tells users apart")
+    print(f"{FEEDBACK}: multi-class ({classes}); positives, AUC, calibration and gAUC are those of any negative")
     print("feedback (the binary event), NE is the cross-entropy over the entropy of the class shares")
 
 

@@ -40,14 +40,13 @@ def _png_size(path):
 
 
 def _logged_ranking(output):
-    """Per logged step: {task: (window RCE, window calibration)} from the training log."""
+    """Per logged step: {task: (window RCE, window calibration, window AUC)} from the training log."""
     logged = {}
-    for step, rce, calibration in re.findall(
-        r"^step\s+(\d+): global loss .*\n\s+RCE (.*) \| calibration (.*)$", output, flags=re.MULTILINE
+    for step, *lines in re.findall(
+        r"^step\s+(\d+): global loss .*\n\s+RCE (.*) \| calibration (.*)\n\s+AUC (.*)$", output, flags=re.MULTILINE
     ):
-        rces = dict(item.rsplit(" ", 1) for item in rce.split(", "))
-        calibrations = dict(item.rsplit(" ", 1) for item in calibration.split(", "))
-        logged[int(step)] = {name: (float(rces[name]), float(calibrations[name])) for name in rces}
+        values = [dict(item.rsplit(" ", 1) for item in line.split(", ")) for line in lines]
+        logged[int(step)] = {name: tuple(float(entries[name]) for entries in values) for name in values[0]}
     return logged
 
 
@@ -69,19 +68,30 @@ def test_demo_trains_towards_the_optimal_loss(tmp_path, command):
     ranking = _ranking_table(output)
     assert list(ranking) == list(table)
     for name, metrics in ranking.items():
-        assert list(metrics) == ["NE", "calibration"]
+        assert list(metrics) == ["NE", "AUC", "calibration", "gAUC"]
         # Better than the base rate (NE 1), not better than the generating model, roughly calibrated;
         # the generating model calibrated up to the noise of about 50 positives (share).
         ne, ne_optimal = metrics["NE"]
         assert ne_optimal < ne < 1.0, name
+        # The trained model ranks about as well as the generating one on the same rows, not better
+        # (up to the noise of the rare tasks' few positives).
+        auc, auc_optimal = metrics["AUC"]
+        assert 0.6 < auc_optimal < 0.95, name
+        assert auc_optimal - 0.03 < auc < auc_optimal + 0.005, name
         calibration, calibration_optimal = metrics["calibration"]
         assert 0.6 < calibration < 1.6, name
         assert 0.7 < calibration_optimal < 1.3, name
+        # Within a request, whose rows share half their feature variance, items are harder to tell
+        # apart than across all rows; the trained model again about as good as the generating one.
+        gauc, gauc_optimal = metrics["gAUC"]
+        assert 0.55 < gauc_optimal < auc_optimal - 0.02, name
+        assert gauc_optimal - 0.05 < gauc < gauc_optimal + 0.01, name
     logged = _logged_ranking(output)
     assert sorted(logged) == [100, 200, 300]
-    for name, (rce, calibration) in logged[300].items():
+    for name, (rce, calibration, auc) in logged[300].items():
         assert 0.0 < rce < 100.0, name
         assert 0.6 < calibration < 1.6, name
+        assert ranking[name]["AUC"][1] - 0.1 < auc < 0.95, name
     assert f"training curves: {plot.resolve()}" in output
     width, height = _png_size(plot)
     assert width >= 1000
@@ -122,6 +132,7 @@ def test_demo_under_torchrun_shows_local_and_global_losses(tmp_path, command):
     # One line of global RCE and calibration per logged step, printed once (rank 0).
     assert sorted(_logged_ranking(output)) == [50, 100]
     assert output.count("| calibration ") == 2
+    assert len(re.findall(r"^\s+AUC click [\d.]+, fav [\d.]+, repost [\d.]+$", output, re.MULTILINE)) == 2
 
 
 def test_demo_compares_task_weightings(tmp_path, command):
@@ -152,34 +163,38 @@ def test_figure_has_a_panel_per_metric_with_the_optimum_as_reference():
     from demo.train import RANKED, Curve, Row, figure
 
     tasks = ["click", "share", "feedback"]
+    logged = [metric for metric in RANKED if metric.logged]  # the held-out-only ones get no panel
+    assert [metric.key for metric in logged] == ["ne", "auc", "calibration"]
     curve = Curve()
     for step in (100, 200, 300):
         losses = {f"loss/{task}": torch.tensor(0.5 - step / 1000) for task in tasks}
-        ranked = {f"{metric.key}/{task}": torch.tensor(0.8) for metric in RANKED for task in tasks[:2]}
+        ranked = {f"{metric.key}/{task}": torch.tensor(0.8) for metric in logged for task in tasks[:2]}
         curve.add(step, {**losses, "loss": torch.tensor(0.4)}, ranked)
     rows = [
         Row(task, 0.1, (0.5, 0.3 + t / 10, 0.7), {m.key: 0.9 for m in RANKED}, {m.key: 0.8 - t / 10 for m in RANKED})
         for t, task in enumerate(tasks)
     ]
     fig = figure(curve, rows, "title")
-    assert len(fig.axes) == 1 + len(RANKED)
+    assert len(fig.axes) == 4
     loss_panel, *ranked_panels = fig.axes
     # Solid: a curve per task and the mean; dashed: each one's optimum (the mean's is the mean optimum).
     dashed = [line for line in loss_panel.get_lines() if line.get_linestyle() == "--"]
     assert sorted(line.get_ydata()[0] for line in dashed) == pytest.approx([0.3, 0.4, 0.4, 0.5])
-    for ax, metric in zip(ranked_panels, RANKED, strict=True):
+    assert loss_panel.get_title() == "loss per task"
+    for ax, metric in zip(ranked_panels, logged, strict=True):
         solid = [line for line in ax.get_lines() if line.get_linestyle() == "-"]
         dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
         # The feedback has no training curve of its binary event: only the engagements are drawn.
         assert len(solid) == len(dashed) == 2
         assert [line.get_ydata()[0] for line in dashed] == pytest.approx([0.8, 0.7])
+        assert ax.get_title() == metric.title
         assert ax.get_ylabel() == metric.label
-        assert ax.get_xlabel() == "training step"
-    legend = [text.get_text() for text in fig.legends[0].get_texts()]
-    assert legend == [
-        *tasks,
-        "mean of the tasks",
-        "trained model, last logging window",
-        "Bayes-optimal model, held out",
+    # Two rows of two panels sharing the steps: the bottom row labels them.
+    assert [ax.get_xlabel() for ax in fig.axes] == ["", "", "training step", "training step"]
+    legends = [[text.get_text() for text in legend.get_texts()] for legend in fig.legends]
+    assert legends[0] == [*tasks, "mean of the tasks"]
+    assert legends[1] == [
+        "trained model, over the last logging window",
+        "Bayes-optimal model (the generating one), held out",
     ]
     plt.close(fig)
