@@ -1,4 +1,5 @@
-"""Train an MLP ranker on synthetic engagement data with MultiTaskLoss; compare with the best possible loss.
+"""Train an MLP ranker on synthetic engagement data with MultiTaskLoss; compare its loss, NE, AUC and calibration
+(from MultiTaskRankingMetrics) with those of the Bayes-optimal model, the one that generated the data.
 
 The head mixes task kinds, as a real ranker's does: binary engagements (pos_weights for the rare
 ones) and a multi-class negative-feedback task (none / see-less / report), all in one ``[B, D]``
@@ -95,7 +96,8 @@ class Ranker(nn.Module):
 @dataclass(frozen=True)
 class Ranked:
     """A metric of MultiTaskRankingMetrics that the demo shows: a pair of columns of the final table
-    (trained beside Bayes-optimal) and a panel of the plot (the training window beside the optimum)."""
+    (trained beside Bayes-optimal) and, if logged, a panel of the plot (the training window beside the
+    optimum)."""
 
     key: str  # the metric's name in the keys "<key>/<task>" and "window_<key>/<task>"
     header: str  # over the table's pair of columns
@@ -131,8 +133,9 @@ class Curve:
 
     def add(self, step: int, *entries: dict[str, torch.Tensor]) -> None:
         self.steps.append(step)
-        for name, value in ((name, value) for entry in entries for name, value in entry.items()):
-            self.values.setdefault(name, []).append(float(value))
+        for entry in entries:
+            for name, value in entry.items():
+                self.values.setdefault(name, []).append(float(value))
 
 
 @dataclass(frozen=True)
@@ -212,15 +215,15 @@ def evaluate(ranker: Ranker, data: EngagementModel, rows: int, seed: int) -> lis
         losses = [loss(x, *inputs) for x in (logits, batch.true_logits + shift, constant.expand_as(logits))]
         # The ranking metrics judge probabilities: the trained logits lose the log(pos_weight) shift
         # the loss taught them. Both models go through the same library metric.
-        probabilities = {"trained": logits - shift, "optimal": batch.true_logits}
-        ranked = {model: _ranking_metrics(tasks, x, batch) for model, x in probabilities.items()}
+        probability_logits = {"trained": logits - shift, "optimal": batch.true_logits}
+        ranked = {model: _ranking_metrics(tasks, x, batch) for model, x in probability_logits.items()}
         # The feedback's NE is that of its own multi-class objective, not of the binary event.
-        feedback_ne = {model: _feedback_ne(x[:, engagements:], batch) for model, x in probabilities.items()}
+        feedback_ne = {model: _feedback_ne(x[:, engagements:], batch) for model, x in probability_logits.items()}
     table = []
     for t, task in enumerate(tasks):
         values = {
             model: {metric.key: ranked[model][f"{metric.key}/{task}"].item() for metric in RANKED}
-            for model in probabilities
+            for model in probability_logits
         }
         if task == FEEDBACK:
             for model, ne in feedback_ne.items():
