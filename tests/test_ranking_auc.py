@@ -45,7 +45,8 @@ def test_issue_accuracy_200k_samples_three_updates_4096_bins():
     bounds = auc_error_bound(metric.auc_histograms)
     for t, task in enumerate(TASKS):
         x, positive, mass = auc_inputs(data["logits"], data["labels"], data["weights"], data["mask"], t, RATES[t])
-        assert positive.sum() > 1000 and (~positive).sum() > 100_000
+        assert positive.sum() > 1000
+        assert (~positive).sum() > 100_000
         exact = roc_auc_score(positive.numpy(), x.numpy(), sample_weight=mass.numpy())
         assert exact == pytest.approx(exact_auc(x, positive, mass), abs=1e-12)  # two references agree
         error = abs(results[f"auc/{task}"].item() - exact)
@@ -70,7 +71,7 @@ def test_few_distinct_logits_are_exact_with_ties_half(dtype):
     results = metric.compute()
     # A float32 block's masses are summed in float32 before the float64 states.
     tolerance = 1e-12 if dtype == torch.float64 else 1e-6
-    for t, (task, rate) in enumerate(zip("abc", [0.5, 1.0, 0.1])):
+    for t, (task, rate) in enumerate(zip("abc", [0.5, 1.0, 0.1], strict=True)):
         x, positive, mass = auc_inputs(logits, labels, weights, None, t, rate)
         assert results[f"auc/{task}"].item() == pytest.approx(exact_auc(x, positive, mass), abs=tolerance)
         ap = exact_average_precision(x, positive, mass)
@@ -88,7 +89,7 @@ def test_bin_rule_centres_and_catch_all_ends():
     histogram = bins.histograms(logits, positive, weight)[0, 0]
     wanted = torch.zeros(17, dtype=torch.float64)
     # bin 0 takes -inf..-11.5 and NaN; bin 16 takes 3.5 and above
-    for value, bin_ in zip(range(1, 12), [0, 0, 0, 0, 8, 8, 16, 16, 16, 16, 0]):
+    for value, bin_ in zip(range(1, 12), [0, 0, 0, 0, 8, 8, 16, 16, 16, 16, 0], strict=True):
         wanted[bin_] += value
     torch.testing.assert_close(histogram, wanted)
 
@@ -111,7 +112,7 @@ def test_one_class_tasks_are_nan_with_the_single_warning_never_inf():
     mask = torch.ones(10, 3, dtype=torch.bool)
     mask[:, 2] = False
     metric.update(logits, labels, mask=mask)
-    with pytest.warns(UserWarning) as record:
+    with pytest.warns(UserWarning, match="undefined metrics returned as NaN") as record:
         results = metric.compute()
     assert len(record) == 1
     assert "AUC and PR-AUC need positives and negatives, missing for ['b', 'c']" in str(record[0].message)
