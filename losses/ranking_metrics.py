@@ -97,7 +97,7 @@ class _Family(NamedTuple):
 
 
 class MultiTaskRankingMetrics(DictSumMetric):
-    r"""Normalized entropy, RCE, log loss, calibration and CTR of every task, over all ranks.
+    r"""Normalized entropy, RCE, log loss, calibration and CTR of every task, over all ranks; AUC, gauc, NDCG.
 
     Each ``update`` adds four weighted sums per task (see :func:`losses.ranking_functional.ranking_sums`)
     into float64 states; ``compute()`` syncs them across ranks in one ``all_reduce`` and returns,
@@ -128,6 +128,17 @@ class MultiTaskRankingMetrics(DictSumMetric):
     Its position (slot and rows in it) is saved with the checkpoint and restored on every rank that
     loads it; see docs/ranking_metrics.rst for resumes on another world size.
 
+    With ``auc_bins=N`` the metric also keeps, per task, weighted histograms of the logits of
+    positives (:math:`y \ge 1/2`) and negatives (weight :math:`w / r`) over ``N`` fixed bins
+    :math:`16 / (N - 1)` wide centred on -12 to 4, and returns ``auc/<task>`` (ROC AUC, ties within
+    a bin counting half) and ``pr_auc/<task>`` (average precision). The AUC is within half the
+    weight of the positive-negative pairs that share a bin of the exact AUC (see
+    docs/ranking_metrics.rst). With ``groups`` (an id per row), ``gauc/<task>`` (with ``auc_bins``)
+    is the mean of the per-group AUC over the groups holding both classes, weighted by each group's
+    labelled weight, and ``ndcg@k/<task>`` (for each ``k`` of ``ndcg_k``) the mean NDCG@k over the
+    groups holding a positive. A group is the rows with one id inside one ``update``. These are sum
+    states too: the same single collective, window ring and checkpoints.
+
     ``update`` reads no value on the host (no device sync); ``compute`` reads the sums once to warn.
 
     The metric is also a read-only mapping from each key to a small metric of that entry alone
@@ -141,10 +152,13 @@ class MultiTaskRankingMetrics(DictSumMetric):
         - ``weights``: optional, :math:`(B, T)` or :math:`(B)`; non-negative.
         - ``mask``: optional bool :math:`(B, T)`, true where a label exists; other entries add
           nothing, whatever they hold (NaN included).
+        - ``groups``: optional integer :math:`(B)`, one group id per row (a user or a request),
+          rows of a group in any order; needs ``auc_bins`` or ``ndcg_k``.
 
     As output of ``forward`` and ``compute``:
         - a dict of float64 scalars: ``ne/<task>`` for every task, then ``rce/``, ``logloss/``,
-          ``calibration/``, ``ctr/``; with a window, the same keys prefixed ``window_``.
+          ``calibration/``, ``ctr/``; with ``auc_bins`` then ``auc/``, ``pr_auc/``, ``gauc/``; with
+          ``ndcg_k`` then ``ndcg@k/`` for each ``k``; with a window, the same keys prefixed ``window_``.
           ``forward`` returns the values of its batch alone (the window keys too), over all ranks
           with ``dist_sync_on_step=True``.
 
@@ -154,7 +168,9 @@ class MultiTaskRankingMetrics(DictSumMetric):
             Default: ``None``.
         neg_sampling_rates: one rate per task in (0, 1], the share of negatives kept when the data
             were down-sampled; each kept negative then counts ``1 / rate``, so the metrics are
-            those of the full traffic. Default: ``None`` (all 1).
+            those of the full traffic (in the AUC histograms too). Default: ``None`` (all 1).
+        auc_bins: ``None``, or the number of bins (an int >= 2) of the AUC histograms. Default: ``None``.
+        ndcg_k: the cutoffs ``k`` of the NDCG@k of groups, e.g. ``(10,)``. Default: ``()``.
         metric_kwargs: passed to :class:`torchmetrics.Metric` (``process_group``,
             ``sync_on_compute``, ``dist_sync_on_step``, ``dist_sync_fn``, ...).
 
@@ -175,6 +191,19 @@ class MultiTaskRankingMetrics(DictSumMetric):
         calibration/reply   0.8881
         ctr/click           0.6667
         ctr/reply           0.3333
+
+        AUC, PR-AUC, and per-request gauc and NDCG@2 (two requests of two rows):
+
+        >>> ranked = MultiTaskRankingMetrics(["click"], auc_bins=1024, ndcg_k=(2,))
+        >>> logits, labels = torch.tensor([[2.0], [0.0], [-1.0], [1.0]]), torch.tensor([[1], [0], [1], [0]])
+        >>> ranked.update(logits, labels, groups=torch.tensor([5, 5, 6, 6]))
+        >>> results = ranked.compute()
+        >>> for key in ("auc/click", "pr_auc/click", "gauc/click", "ndcg@2/click"):
+        ...     print(f"{key:<14}{results[key].item():8.4f}")
+        auc/click       0.5000
+        pr_auc/click    0.7500
+        gauc/click      0.5000
+        ndcg@2/click    0.8155
     """
 
     is_differentiable = False
