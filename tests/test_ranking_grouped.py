@@ -206,3 +206,17 @@ def test_sums_rows_and_no_host_sync_shapes():
     sums = grouped_sums(part["logits"], positive, part["weights"], part["mask"], part["groups"], (2,))
     assert sums.shape == (len(group_rows((2,))), 3) == (5, 3)
     assert sums.dtype == torch.float64
+
+
+def test_copies_pickles_and_state_dict_keep_every_family():
+    import copy
+    import pickle
+
+    parts = [grouped_batch(150, seed) for seed in (15, 16)]
+    metric = MultiTaskRankingMetrics(TASKS, neg_sampling_rates=RATES, auc_bins=128, ndcg_k=KS, window=400)
+    metric.update(**parts[0])
+    resumed = MultiTaskRankingMetrics(TASKS, neg_sampling_rates=RATES, auc_bins=128, ndcg_k=KS, window=400)
+    resumed.load_state_dict(pickle.loads(pickle.dumps(metric.state_dict())))
+    for copied in (copy.deepcopy(metric), pickle.loads(pickle.dumps(metric)), resumed):
+        copied.update(**parts[1])
+        assert_values(copied.compute(), loop_values(parts))
