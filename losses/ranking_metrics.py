@@ -22,7 +22,6 @@ from losses.functional import check_multi_task_inputs
 from losses.ranking_functional import (
     RESULTS,
     SUM_ROWS,
-    Elements,
     elements,
     ranking_values,
     sums_of_elements,
@@ -128,8 +127,8 @@ class MultiTaskRankingMetrics(DictSumMetric):
     Its position (slot and rows in it) is saved with the checkpoint and restored on every rank that
     loads it; see docs/ranking_metrics.rst for resumes on another world size.
 
-    With ``auc_bins=N`` the metric also keeps, per task, weighted histograms of the logits of
-    positives (:math:`y \ge 1/2`) and negatives (weight :math:`w / r`) over ``N`` fixed bins
+    With ``auc_bins=N`` the metric also keeps, per task, histograms of the logits weighted by the
+    positive mass :math:`w y` and the negative mass :math:`w (1 - y) / r` over ``N`` fixed bins
     :math:`16 / (N - 1)` wide centred on -12 to 4, and returns ``auc/<task>`` (ROC AUC, ties within
     a bin counting half) and ``pr_auc/<task>`` (average precision). The AUC is within half the
     weight of the positive-negative pairs that share a bin of the exact AUC (see
@@ -317,12 +316,13 @@ class MultiTaskRankingMetrics(DictSumMetric):
         rates = self._rates(x.device)
         e = elements(x, labels, weights, mask, rates)
         increments = {"sums": sums_of_elements(e)}
-        if self._bins is not None or groups is not None:
-            positive, mass = _labelled_classes(e, labels, mask, rates)
-            if self._bins is not None:
-                increments["auc_histograms"] = self._bins.histograms(e.logits, positive, mass)
-            if groups is not None:
-                increments["group_sums"] = grouped_sums(e.logits, positive, mass, mask, groups.detach(), self.ndcg_k)
+        # AUC's masses are the positive and effective weights of the sums: w y, and w y + w (1 - y) / r.
+        if self._bins is not None:
+            increments["auc_histograms"] = self._bins.histograms(e.logits, e.positive, e.weight)
+        if groups is not None:
+            increments["group_sums"] = grouped_sums(
+                e.logits, e.positive, e.weight, _relevant(labels, mask), mask, groups.detach(), self.ndcg_k
+            )
         device = self.sums.device
         increments = {name: values_on("logits", value, device) for name, value in increments.items()}
         states = self.__dict__
@@ -464,24 +464,12 @@ def _grouped_rows(sums: torch.Tensor, ks: tuple[int, ...], first: int) -> torch.
     return grouped_values(sums, ks)[first:]
 
 
-def _labelled_classes(
-    e: Elements, labels: torch.Tensor, mask: Optional[torch.Tensor], rates: Optional[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The class of every entry for AUC (``y >= 1/2``, labelled) and its mass: ``w``, or ``w / r`` if negative.
-
-    Without sampling rates the mass is the effective weight the sums use already (``w``, zero
-    where unlabelled), so it costs nothing.
-    """
-    positive = labels >= 0.5
+def _relevant(labels: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """NDCG's relevance: a labelled entry with :math:`y \\ge 1/2` (probabilities rounded)."""
+    relevant = labels >= 0.5
     if mask is not None:
-        positive &= mask
-    if rates is None:
-        return positive, e.weight
-    sample = e.sample_weight
-    if sample is None:
-        sample = torch.ones((), dtype=e.logits.dtype, device=e.logits.device)
-    sample = sample.expand(e.logits.shape)
-    return positive, torch.where(positive, sample, sample * rates.to(e.logits.dtype).reciprocal())
+        relevant &= mask
+    return relevant
 
 
 def _warn_undefined(reasons: Sequence[Optional[str]]) -> None:

@@ -168,15 +168,21 @@ def test_half_precision_logits_are_binned_in_float32(dtype):
         )
 
 
-def test_probability_labels_are_rounded_at_one_half():
-    logits = torch.tensor([[3.0], [1.0], [0.0], [-2.0]])
-    soft = torch.tensor([[0.9], [0.2], [0.5], [0.49]])
-    rounded = torch.tensor([[1.0], [0.0], [1.0], [0.0]])
-    a, b = MultiTaskRankingMetrics(["t"], auc_bins=128), MultiTaskRankingMetrics(["t"], auc_bins=128)
-    a.update(logits, soft)
-    b.update(logits, rounded)
-    torch.testing.assert_close(a.auc_histograms, b.auc_histograms)
-    assert a.compute()["auc/t"].item() == pytest.approx(0.75)  # (1 + 1 + 0 + 1) / 4
+def test_probability_labels_count_as_a_positive_and_a_negative_like_ne():
+    """A label y of weight w is a positive of weight w y and a negative of weight w (1 - y) / r, tied."""
+    gen = torch.Generator().manual_seed(41)
+    logits = (torch.randn(300, 1, generator=gen, dtype=torch.float64) * 4).round() / 4  # ties too
+    soft = torch.rand(300, 1, generator=gen, dtype=torch.float64)
+    weights = torch.rand(300, generator=gen, dtype=torch.float64) + 0.5
+    metric = MultiTaskRankingMetrics(["t"], auc_bins=4097, neg_sampling_rates=[0.5])  # centres every 1/256
+    metric.update(logits, soft, weights)
+    # The exact AUC of the samples split in two: every entry once as a positive, once as a negative.
+    x = torch.cat([logits[:, 0], logits[:, 0]])
+    positive = torch.cat([torch.ones(300, dtype=torch.bool), torch.zeros(300, dtype=torch.bool)])
+    mass = torch.cat([weights * soft[:, 0], weights * (1 - soft[:, 0]) / 0.5])
+    results = metric.compute()
+    assert results["auc/t"].item() == pytest.approx(exact_auc(x, positive, mass), abs=1e-12)
+    assert results["pr_auc/t"].item() == pytest.approx(exact_average_precision(x, positive, mass), abs=1e-12)
 
 
 def test_one_dimensional_weights_and_bool_labels():

@@ -200,12 +200,16 @@ def test_no_groups_given_means_nan_without_warning():
     assert math.isnan(results["ndcg@5/fav"].item())
 
 
-def test_sums_rows_and_no_host_sync_shapes():
+def test_functional_grouped_sums_are_the_metric_states():
     part = grouped_batch(64, 14)
-    positive = part["labels"].nan_to_num(0) >= 0.5
-    sums = grouped_sums(part["logits"], positive, part["weights"], part["mask"], part["groups"], (2,))
+    mask, labels, weights = part["mask"], part["labels"].nan_to_num(0.0), part["weights"].double()
+    positive = torch.where(mask, weights * labels, 0.0)
+    relevant = (labels >= 0.5) & mask
+    sums = grouped_sums(part["logits"], positive, torch.where(mask, weights, 0.0), relevant, mask, part["groups"], (2,))
     assert sums.shape == (len(group_rows((2,))), 3) == (5, 3)
-    assert sums.dtype == torch.float64
+    metric = MultiTaskRankingMetrics(TASKS, ndcg_k=(2,))
+    metric.update(**part)
+    torch.testing.assert_close(sums, metric.group_sums, rtol=1e-12, atol=1e-12)
 
 
 def test_copies_pickles_and_state_dict_keep_every_family():
