@@ -6,16 +6,17 @@ a combined key (group, then logit; unlabelled entries below every labelled one),
 loop over groups or tasks and no value is read on the host. Logits are compared in float32 (a
 float64 logit is rounded first); equal logits tie.
 
-Per group :math:`g` and task, with the masses and label rule of :mod:`losses._auc` (positives
-weigh :math:`w`, negatives :math:`w / r`):
+Per group :math:`g` and task, with the masses of :mod:`losses._auc` (an entry weighs
+:math:`w y` as a positive and :math:`w (1 - y) / r` as a negative):
 
 - AUC: :math:`A_g = \sum_{i \in P_g} w_i (Q_{g,<x_i} + Q_{g,=x_i} / 2) / (P_g Q_g)`, defined when
   the group holds positive and negative mass; it counts with the group's labelled weight
   :math:`W_g = P_g + Q_g`. The sums are :math:`\sum_g W_g A_g` and :math:`\sum_g W_g`.
-- NDCG@k: the labelled entries ranked by logit, highest first; DCG with gain :math:`2^y - 1`
-  (1 for a positive, 0 for a negative) and discount :math:`1 / \log_2(\text{rank} + 1)` over ranks
-  1 to ``k``; tied logits share the mean discount of the ranks they span. Divided by the ideal DCG
-  (every positive first), for groups with at least one positive; sample weights do not enter.
+- NDCG@k: the labelled entries ranked by logit, highest first; DCG with gain :math:`2^y - 1` on
+  the label rounded at 1/2 (1 for :math:`y \ge 1/2`, else 0) and discount
+  :math:`1 / \log_2(\text{rank} + 1)` over ranks 1 to ``k``; tied logits share the mean discount
+  of the ranks they span. Divided by the ideal DCG (every positive first), for groups with at
+  least one positive; sample weights do not enter.
   The sums are :math:`\sum_g \text{NDCG}_g` per ``k`` and the number of such groups.
 """
 
@@ -74,79 +75,78 @@ def grouped_sums(
     logits: torch.Tensor,
     positive: torch.Tensor,
     weight: torch.Tensor,
+    relevant: torch.Tensor,
     labelled: Optional[torch.Tensor],
     groups: torch.Tensor,
     ks: Sequence[int],
 ) -> torch.Tensor:
-    """The ``(R, T)`` float64 sums of :func:`group_rows` of one block whose shapes were checked.
+    r"""The ``(R, T)`` float64 sums of :func:`group_rows` of one ``[B, T]`` block whose shapes were checked.
 
-    ``positive`` is bool (labelled and :math:`y \\ge 1/2`), ``weight`` each entry's mass (zero
-    where unlabelled), ``labelled`` the mask or ``None``, ``groups`` an integer id per row.
+    ``positive`` is each entry's positive mass :math:`w y`, ``weight`` its whole mass
+    :math:`w y + w (1 - y) / r` (both zero where unlabelled, and broadcastable to ``[B, T]``),
+    ``relevant`` the bool relevance of NDCG, ``labelled`` the mask or ``None``, ``groups`` an
+    integer id per row; ``ks`` the NDCG cutoffs.
     """
     rows, tasks = logits.shape
     out = torch.zeros(len(group_rows(ks)), tasks, dtype=torch.float64, device=logits.device)
     if rows == 0:
         return out
+    shape = logits.shape
     low = _ordered_bits(logits)
     if labelled is not None:
         low = low * labelled
     key = (dense_rank(groups).unsqueeze(1) << _LOW_BITS).add(low).t()
     sorted_key, order = torch.sort(key, dim=1)  # the one sort: per task, by group, then logit
-    group = sorted_key >> _LOW_BITS
-    mass = weight.t().gather(1, order).to(torch.float64)
-    pos = positive.t().gather(1, order)
-    pos_mass = torch.where(pos, mass, 0.0)
-    neg_mass = mass - pos_mass
+    group = sorted_key >> _LOW_BITS  # dense ids 0 .. G - 1, ascending along each row
+    pos_mass = positive.expand(shape).t().gather(1, order).to(torch.float64)
+    neg_mass = weight.expand(shape).t().gather(1, order).to(torch.float64).sub_(pos_mass)
+    rel = relevant.t().gather(1, order)
 
     positions = torch.arange(rows, device=logits.device).expand(tasks, rows)
-    run_start = torch.ones_like(pos)
+    run_start = torch.ones_like(rel)
     run_start[:, 1:] = sorted_key[:, 1:] != sorted_key[:, :-1]
-    group_start = torch.ones_like(pos)
-    group_start[:, 1:] = group[:, 1:] != group[:, :-1]
-    run_end = torch.ones_like(pos)
+    run_end = torch.ones_like(rel)
     run_end[:, :-1] = run_start[:, 1:]
-    group_end = torch.ones_like(pos)
-    group_end[:, :-1] = group_start[:, 1:]
+    group_end = torch.ones_like(rel)
+    group_end[:, :-1] = group[:, 1:] != group[:, :-1]
     rs = _segment_start(run_start, positions)
-    gs = _segment_start(group_start, positions)
     re = _segment_end(run_end, positions, rows - 1)
     ge = _segment_end(group_end, positions, rows - 1)
 
-    # AUC: the negative mass of the group below each entry's run, plus half its run's.
+    # AUC: each positive mass against the negative mass below its run in the row, plus half its
+    # run's; the part below its group's start is taken off per group, below.
     neg_through = neg_mass.cumsum(1)
-    neg_before = neg_through - neg_mass
-    run_floor = neg_before.gather(1, rs)
-    below = run_floor - neg_before.gather(1, gs)
+    run_floor = neg_through.gather(1, rs) - neg_mass.gather(1, rs)
     tied = neg_through.gather(1, re) - run_floor
-    pairs = pos_mass * below.add_(tied, alpha=0.5)
+    pairs = pos_mass * run_floor.add_(tied, alpha=0.5)
 
     # NDCG: ranks counted from the group's top; a tied run shares the mean discount of its ranks.
     table = _discount_table(ks, rows, logits.device)  # (K, B + 1)
     top = (ge - rs + 1).reshape(-1)
     bottom = (ge - re).reshape(-1)
     spread = (re - rs + 1).to(torch.float64)
-    mean_discount = (table[:, top] - table[:, bottom]).view(len(ks), tasks, rows) / spread
-    gains = mean_discount * pos
+    gains = (table[:, top] - table[:, bottom]).view(len(ks), tasks, rows).div_(spread).mul_(rel)
 
-    # Per group: totals of each quantity at the group's last entry, from running sums.
-    per_entry = torch.cat([torch.stack([pairs, pos_mass, neg_mass, pos.to(torch.float64)]), gains])
-    through = per_entry.cumsum(-1)
-    start = gs.expand_as(through)
-    totals = through - through.gather(-1, start) + per_entry.gather(-1, start)
+    # Per group (slot t * B + g): totals by scatter-add, one per quantity.
+    slots = group.add_(torch.arange(tasks, device=logits.device).unsqueeze(1) * rows).reshape(-1)
+    quantities = [pairs, pos_mass, neg_mass, rel.to(torch.float64), *gains.unbind(0)]
+    totals = torch.zeros(len(quantities), tasks * rows, dtype=torch.float64, device=logits.device)
+    for row, quantity in zip(totals, quantities, strict=True):
+        row.index_add_(0, slots, quantity.reshape(-1))
+    totals = totals.view(len(quantities), tasks, rows)
     pair_mass, p_mass, q_mass, positives = totals[:4]
-    dcg = totals[4:]
+    pair_mass -= p_mass * (q_mass.cumsum(1) - q_mass)  # the negatives of the groups before
 
-    both = group_end & (p_mass > 0) & (q_mass > 0)
+    both = (p_mass > 0) & (q_mass > 0)
     group_weight = p_mass + q_mass
-    group_auc = pair_mass / (p_mass * q_mass)
-    out[0] = group_end.sum(1)
-    out[1] = torch.where(both, group_weight * group_auc, 0.0).sum(1)
+    out[0] = sorted_key[:, -1].bitwise_right_shift(_LOW_BITS) + 1  # the number of groups
+    out[1] = torch.where(both, group_weight * pair_mass / (p_mass * q_mass), 0.0).sum(1)
     out[2] = torch.where(both, group_weight, 0.0).sum(1)
-    ranked = group_end & (positives > 0)
+    ranked = positives > 0
     out[3] = ranked.sum(1)
     if ks:
-        ideal = table.gather(1, positives.to(torch.int64).clamp_(max=rows).reshape(1, -1).expand(len(ks), -1))
-        ndcg = dcg / ideal.view(len(ks), tasks, rows)
+        ideal = table.gather(1, positives.to(torch.int64).reshape(1, -1).expand(len(ks), -1))
+        ndcg = totals[4:] / ideal.view(len(ks), tasks, rows)
         out[4:] = torch.where(ranked, ndcg, 0.0).sum(-1)
     return out
 

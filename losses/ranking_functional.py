@@ -9,6 +9,10 @@ Two tables drive everything, so a new metric is one more row, not a branch:
   float64 tensor, rows in table order.
 - :data:`RESULTS`: each row is one metric per task, a ratio of those sums.
 
+The AUC histograms (:class:`AucBins`, :func:`auc_values`, :func:`auc_error_bound`) and the grouped
+sums of gauc and NDCG (:func:`grouped_sums`, :func:`grouped_values`) live in their own modules and
+are importable from here.
+
 :class:`~losses.MultiTaskRankingMetrics` holds the sums as float64 states; these functions are its
 functional twins, also usable on their own. Nothing here is differentiable: inputs are detached.
 """
@@ -23,7 +27,28 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from losses._auc import AucBins, auc_error_bound, auc_values
+from losses._grouped import grouped_sums, grouped_values
 from losses.functional import check_multi_task_inputs
+
+__all__ = [
+    "RESULTS",
+    "SUM_ROWS",
+    "AucBins",
+    "Elements",
+    "auc_error_bound",
+    "auc_values",
+    "elements",
+    "grouped_sums",
+    "grouped_values",
+    "ranking_compute",
+    "ranking_sums",
+    "ranking_values",
+    "result_keys",
+    "sums_of_elements",
+    "unchecked_ranking_sums",
+    "undefined_message",
+]
 
 
 class Elements(NamedTuple):

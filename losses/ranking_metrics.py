@@ -22,7 +22,6 @@ from losses.functional import check_multi_task_inputs
 from losses.ranking_functional import (
     RESULTS,
     SUM_ROWS,
-    Elements,
     elements,
     ranking_values,
     sums_of_elements,
@@ -97,7 +96,7 @@ class _Family(NamedTuple):
 
 
 class MultiTaskRankingMetrics(DictSumMetric):
-    r"""Normalized entropy, RCE, log loss, calibration and CTR of every task, over all ranks.
+    r"""Normalized entropy, RCE, log loss, calibration and CTR of every task, over all ranks; AUC, gauc, NDCG.
 
     Each ``update`` adds four weighted sums per task (see :func:`losses.ranking_functional.ranking_sums`)
     into float64 states; ``compute()`` syncs them across ranks in one ``all_reduce`` and returns,
@@ -128,6 +127,17 @@ class MultiTaskRankingMetrics(DictSumMetric):
     Its position (slot and rows in it) is saved with the checkpoint and restored on every rank that
     loads it; see docs/ranking_metrics.rst for resumes on another world size.
 
+    With ``auc_bins=N`` the metric also keeps, per task, histograms of the logits weighted by the
+    positive mass :math:`w y` and the negative mass :math:`w (1 - y) / r` over ``N`` fixed bins
+    :math:`16 / (N - 1)` wide centred on -12 to 4, and returns ``auc/<task>`` (ROC AUC, ties within
+    a bin counting half) and ``pr_auc/<task>`` (average precision). The AUC is within half the
+    weight of the positive-negative pairs that share a bin of the exact AUC (see
+    docs/ranking_metrics.rst). With ``groups`` (an id per row), ``gauc/<task>`` (with ``auc_bins``)
+    is the mean of the per-group AUC over the groups holding both classes, weighted by each group's
+    labelled weight, and ``ndcg@k/<task>`` (for each ``k`` of ``ndcg_k``) the mean NDCG@k over the
+    groups holding a positive. A group is the rows with one id inside one ``update``. These are sum
+    states too: the same single collective, window ring and checkpoints.
+
     ``update`` reads no value on the host (no device sync); ``compute`` reads the sums once to warn.
 
     The metric is also a read-only mapping from each key to a small metric of that entry alone
@@ -141,10 +151,13 @@ class MultiTaskRankingMetrics(DictSumMetric):
         - ``weights``: optional, :math:`(B, T)` or :math:`(B)`; non-negative.
         - ``mask``: optional bool :math:`(B, T)`, true where a label exists; other entries add
           nothing, whatever they hold (NaN included).
+        - ``groups``: optional integer :math:`(B)`, one group id per row (a user or a request),
+          rows of a group in any order; needs ``auc_bins`` or ``ndcg_k``.
 
     As output of ``forward`` and ``compute``:
         - a dict of float64 scalars: ``ne/<task>`` for every task, then ``rce/``, ``logloss/``,
-          ``calibration/``, ``ctr/``; with a window, the same keys prefixed ``window_``.
+          ``calibration/``, ``ctr/``; with ``auc_bins`` then ``auc/``, ``pr_auc/``, ``gauc/``; with
+          ``ndcg_k`` then ``ndcg@k/`` for each ``k``; with a window, the same keys prefixed ``window_``.
           ``forward`` returns the values of its batch alone (the window keys too), over all ranks
           with ``dist_sync_on_step=True``.
 
@@ -154,7 +167,9 @@ class MultiTaskRankingMetrics(DictSumMetric):
             Default: ``None``.
         neg_sampling_rates: one rate per task in (0, 1], the share of negatives kept when the data
             were down-sampled; each kept negative then counts ``1 / rate``, so the metrics are
-            those of the full traffic. Default: ``None`` (all 1).
+            those of the full traffic (in the AUC histograms too). Default: ``None`` (all 1).
+        auc_bins: ``None``, or the number of bins (an int >= 2) of the AUC histograms. Default: ``None``.
+        ndcg_k: the cutoffs ``k`` of the NDCG@k of groups, e.g. ``(10,)``. Default: ``()``.
         metric_kwargs: passed to :class:`torchmetrics.Metric` (``process_group``,
             ``sync_on_compute``, ``dist_sync_on_step``, ``dist_sync_fn``, ...).
 
@@ -175,6 +190,19 @@ class MultiTaskRankingMetrics(DictSumMetric):
         calibration/reply   0.8881
         ctr/click           0.6667
         ctr/reply           0.3333
+
+        AUC, PR-AUC, and per-request gauc and NDCG@2 (two requests of two rows):
+
+        >>> ranked = MultiTaskRankingMetrics(["click"], auc_bins=1024, ndcg_k=(2,))
+        >>> logits, labels = torch.tensor([[2.0], [0.0], [-1.0], [1.0]]), torch.tensor([[1], [0], [1], [0]])
+        >>> ranked.update(logits, labels, groups=torch.tensor([5, 5, 6, 6]))
+        >>> results = ranked.compute()
+        >>> for key in ("auc/click", "pr_auc/click", "gauc/click", "ndcg@2/click"):
+        ...     print(f"{key:<14}{results[key].item():8.4f}")
+        auc/click       0.5000
+        pr_auc/click    0.7500
+        gauc/click      0.5000
+        ndcg@2/click    0.8155
     """
 
     is_differentiable = False
@@ -288,12 +316,13 @@ class MultiTaskRankingMetrics(DictSumMetric):
         rates = self._rates(x.device)
         e = elements(x, labels, weights, mask, rates)
         increments = {"sums": sums_of_elements(e)}
-        if self._bins is not None or groups is not None:
-            positive, mass = _labelled_classes(e, labels, mask, rates)
-            if self._bins is not None:
-                increments["auc_histograms"] = self._bins.histograms(e.logits, positive, mass)
-            if groups is not None:
-                increments["group_sums"] = grouped_sums(e.logits, positive, mass, mask, groups.detach(), self.ndcg_k)
+        # AUC's masses are the positive and effective weights of the sums: w y, and w y + w (1 - y) / r.
+        if self._bins is not None:
+            increments["auc_histograms"] = self._bins.histograms(e.logits, e.positive, e.weight)
+        if groups is not None:
+            increments["group_sums"] = grouped_sums(
+                e.logits, e.positive, e.weight, _relevant(labels, mask), mask, groups.detach(), self.ndcg_k
+            )
         device = self.sums.device
         increments = {name: values_on("logits", value, device) for name, value in increments.items()}
         states = self.__dict__
@@ -435,24 +464,12 @@ def _grouped_rows(sums: torch.Tensor, ks: tuple[int, ...], first: int) -> torch.
     return grouped_values(sums, ks)[first:]
 
 
-def _labelled_classes(
-    e: Elements, labels: torch.Tensor, mask: Optional[torch.Tensor], rates: Optional[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The class of every entry for AUC (``y >= 1/2``, labelled) and its mass: ``w``, or ``w / r`` if negative.
-
-    Without sampling rates the mass is the effective weight the sums use already (``w``, zero
-    where unlabelled), so it costs nothing.
-    """
-    positive = labels >= 0.5
+def _relevant(labels: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """NDCG's relevance: a labelled entry with :math:`y \\ge 1/2` (probabilities rounded)."""
+    relevant = labels >= 0.5
     if mask is not None:
-        positive &= mask
-    if rates is None:
-        return positive, e.weight
-    sample = e.sample_weight
-    if sample is None:
-        sample = torch.ones((), dtype=e.logits.dtype, device=e.logits.device)
-    sample = sample.expand(e.logits.shape)
-    return positive, torch.where(positive, sample, sample * rates.to(e.logits.dtype).reciprocal())
+        relevant &= mask
+    return relevant
 
 
 def _warn_undefined(reasons: Sequence[Optional[str]]) -> None:

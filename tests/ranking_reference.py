@@ -116,8 +116,8 @@ def ancestor_rce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
 
 
 # ------------------------------------------------------------------ AUC, PR-AUC, gauc, NDCG
-# The label rule of docs/ranking_metrics.rst: y >= 0.5 is a positive of weight w, anything else a
-# negative of weight w / rate; unlabelled entries are left out.
+# For binary labels (these helpers take no probabilities): a positive weighs w, a negative
+# w / rate; unlabelled entries are left out. NDCG's relevance is y >= 0.5.
 
 
 def auc_inputs(
