@@ -107,7 +107,7 @@ class Ranked:
     logged: bool = True  # in the training log and the plot, over the window; else held out only
 
 
-#: Histogram bins of the ranking metrics' AUC: on the demo's held-out rows within 1e-5 of the exact AUC.
+#: Histogram bins of the ranking metrics' AUC: on the demo's held-out rows within 2e-5 of the exact AUC.
 AUC_BINS = 4096
 
 #: The ranking metrics the demo shows; showing one more is one more row.
