@@ -198,3 +198,23 @@ def test_figure_has_a_panel_per_metric_with_the_optimum_as_reference():
         "Bayes-optimal model (the generating one), held out",
     ]
     plt.close(fig)
+
+
+def test_held_out_requests_share_half_the_feature_variance_and_keep_each_row_as_in_training():
+    from demo.data import ENGAGEMENTS, EngagementModel
+
+    data = EngagementModel(tasks=5, features=16, seed=0)
+    plain = data.sample(1000, torch.Generator().manual_seed(1))
+    single = data.sample(1000, torch.Generator().manual_seed(1), request_rows=1)
+    # Rows of their own: the training stream as before, every row its own group.
+    assert torch.equal(plain.features, single.features)
+    assert torch.equal(single.groups, torch.arange(1000))
+    requests = data.sample(64_000, torch.Generator().manual_seed(2), request_rows=16)
+    assert torch.equal(requests.groups, torch.arange(64_000) // 16)
+    x = requests.features.view(4000, 16, 16)
+    # Each feature still has unit variance (so each row's Bayes-optimal model is unchanged); two rows
+    # of one request share half of it.
+    assert x.var().item() == pytest.approx(1.0, abs=0.02)
+    assert (x[:, 0] * x[:, 1]).mean().item() == pytest.approx(0.5, abs=0.02)
+    rates = torch.nanmean(requests.labels[:, :2], dim=0)
+    assert rates.tolist() == pytest.approx([rate for _, rate in ENGAGEMENTS[:2]], abs=0.01)
