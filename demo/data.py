@@ -33,6 +33,7 @@ class Batch:
     weights: torch.Tensor  # [B], per-sample weight (e.g. how recent the impression is)
     mask: torch.Tensor  # [B, T + 1], True where a label exists
     true_logits: torch.Tensor  # [B, T + 3]: the generating model's logits, one block as the ranker's head
+    groups: torch.Tensor  # [B], the request of each row (its index when rows are independent)
 
 
 def _intercepts(scores: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
@@ -71,8 +72,15 @@ class EngagementModel:
         names = [name for name, _ in ENGAGEMENTS[:tasks]] + [FEEDBACK]
         self.labelled = torch.tensor([LABELLED_SHARE.get(name, 1.0) for name in names])
 
-    def sample(self, rows: int, gen: torch.Generator) -> Batch:
+    def sample(self, rows: int, gen: torch.Generator, request_rows: int = 1) -> Batch:
+        """``rows`` rows; with ``request_rows > 1``, in requests of that many consecutive rows (one user's
+        feed) whose features share a user part: half of each feature's variance is the user's, so rows of a
+        request are alike, while each row's features, and so the Bayes-optimal model, are as without."""
         x = torch.randn(rows, self.features, generator=gen)
+        groups = torch.arange(rows) // request_rows
+        if request_rows > 1:
+            users = torch.randn(int(groups[-1]) + 1, self.features, generator=gen)
+            x = (x + users[groups]) / math.sqrt(2)
         logits = x @ self.weight + self.bias
         labels = (torch.rand(rows, self.tasks, generator=gen) < torch.sigmoid(logits)).float()
         feedback_logits = x @ self.feedback_weight + self.feedback_bias
@@ -80,4 +88,4 @@ class EngagementModel:
         mask = torch.rand(rows, self.tasks + 1, generator=gen) < self.labelled
         weights = 0.5 + torch.rand(rows, generator=gen)
         labels = torch.cat([labels, feedback], 1).masked_fill(~mask, float("nan"))
-        return Batch(x, labels, weights, mask, torch.cat([logits, feedback_logits], 1))
+        return Batch(x, labels, weights, mask, torch.cat([logits, feedback_logits], 1), groups)

@@ -1,4 +1,5 @@
-"""Train an MLP ranker on synthetic engagement data with MultiTaskLoss; compare with the best possible loss.
+"""Train an MLP ranker on synthetic engagement data with MultiTaskLoss; compare its loss, NE, AUC and calibration
+(from MultiTaskRankingMetrics) with those of the Bayes-optimal model, the one that generated the data.
 
 The head mixes task kinds, as a real ranker's does: binary engagements (pos_weights for the rare
 ones) and a multi-class negative-feedback task (none / see-less / report), all in one ``[B, D]``
@@ -17,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -47,7 +48,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=100, help="steps between global loss logs (default 100)")
     parser.add_argument("--holdout", type=int, default=100_000, help="held-out rows for the final table")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the model (default 0)")
-    parser.add_argument("--output", type=Path, default=Path("demo_loss_curve.png"), help="loss-curve PNG path")
+    parser.add_argument("--output", type=Path, default=Path("demo_training.png"), help="PNG of the training curves")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--weighting",
@@ -92,15 +93,60 @@ class Ranker(nn.Module):
         return logits, self.loss(logits, batch.labels, batch.weights, batch.mask)
 
 
+@dataclass(frozen=True)
+class Ranked:
+    """A metric of MultiTaskRankingMetrics that the demo shows: a pair of columns of the final table
+    (trained beside Bayes-optimal) and, if logged, a panel of the plot (the training window beside the
+    optimum)."""
+
+    key: str  # the metric's name in the keys "<key>/<task>" and "window_<key>/<task>"
+    header: str  # over the table's pair of columns
+    title: str  # the panel's title
+    label: str  # the panel's y-axis label
+    digits: int  # decimals in the table
+    logged: bool = True  # in the training log and the plot, over the window; else held out only
+
+
+#: Histogram bins of the ranking metrics' AUC: on the demo's held-out rows within 2e-5 of the exact AUC.
+AUC_BINS = 4096
+
+#: The ranking metrics the demo shows; showing one more is one more row.
+RANKED = (
+    Ranked("ne", "NE", "normalized entropy", "NE (lower is better, 1 = base rate)", 4),
+    Ranked("auc", "AUC", "ROC AUC", "AUC (higher is better, 0.5 = random)", 4),
+    Ranked("calibration", "calibration", "calibration", "predicted / observed positives", 3),
+    # Training rows are independent, without requests: the grouped AUC is held out only.
+    Ranked("gauc", "gAUC", "grouped AUC", "mean AUC within requests", 4, logged=False),
+)
+
+#: Rows of a held-out request (one user's feed); the grouped AUC is the mean AUC within requests.
+REQUEST_ROWS = 16
+
+
 @dataclass
 class Curve:
+    """The logged values over training: the global loss per task (``loss/<task>``, ``loss``) and the
+    window value of each ranking metric per engagement (``<metric>/<task>``)."""
+
     steps: list[int] = field(default_factory=list)
     values: dict[str, list[float]] = field(default_factory=dict)
 
-    def add(self, step: int, losses: dict[str, torch.Tensor]) -> None:
+    def add(self, step: int, *entries: dict[str, torch.Tensor]) -> None:
         self.steps.append(step)
-        for name, value in losses.items():
-            self.values.setdefault(name, []).append(float(value))
+        for entry in entries:
+            for name, value in entry.items():
+                self.values.setdefault(name, []).append(float(value))
+
+
+@dataclass(frozen=True)
+class Row:
+    """One task of the final table, on held-out rows."""
+
+    task: str
+    positives: float  # share of labelled rows with a positive (feedback: any negative feedback)
+    losses: tuple[float, float, float]  # the training objective of the trained, Bayes-optimal, base-rate model
+    trained: dict[str, float]  # a value per RANKED key, of the trained model
+    optimal: dict[str, float]  # the same, of the Bayes-optimal model
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -116,27 +162,43 @@ def _pos_weights(model: EngagementModel, tasks: int) -> list[float]:
     return [round(math.sqrt((1 - rate) / rate), 2) for _, rate in ENGAGEMENTS[:tasks]]
 
 
-def _feedback_scores(logits: torch.Tensor, batch: Batch) -> tuple[float, float]:
-    """NE and calibration of the feedback task: its weighted cross-entropy over the entropy of the
-    weighted class shares, and the predicted over the observed share of negative feedback (any class
-    but "none")."""
+def _negative_feedback_logit(logits: torch.Tensor) -> torch.Tensor:
+    """The binary logit of any negative feedback from the feedback's class logits ``[B, C]``:
+    log P(any class but "none") - log P("none")."""
+    return torch.logsumexp(logits[:, 1:], dim=1) - logits[:, 0]
+
+
+def _feedback_ne(logits: torch.Tensor, batch: Batch) -> float:
+    """NE of the multi-class feedback task: its weighted cross-entropy over the entropy of the weighted
+    class shares."""
     labelled = batch.mask[:, -1]
     classes, weights = batch.labels[labelled, -1].long(), batch.weights[labelled]
     shares = torch.bincount(classes, weights, minlength=len(FEEDBACK_CLASSES)) / weights.sum()
     entropy = -(shares * shares.clamp_min(1e-12).log()).sum()
     cross_entropy = (F.cross_entropy(logits[labelled], classes, reduction="none") * weights).sum() / weights.sum()
-    predicted = ((1 - torch.softmax(logits[labelled], dim=1)[:, 0]) * weights).sum() / weights.sum()
-    return (cross_entropy / entropy).item(), (predicted / (1 - shares[0])).item()
+    return (cross_entropy / entropy).item()
 
 
-def evaluate(ranker: Ranker, data: EngagementModel, rows: int, seed: int) -> list[tuple[str, float, ...]]:
-    """Per task: positive rate; held-out loss of the trained, Bayes-optimal and base-rate models;
-    NE of the trained and the Bayes-optimal model, and the trained model's calibration."""
-    batch = data.sample(rows, torch.Generator().manual_seed(seed + 10_000))
+def _ranking_metrics(tasks: list[str], logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+    """MultiTaskRankingMetrics of the logits of the probabilities ``[B, T + C]`` (the engagements, then the
+    feedback's classes, whose binary event is any negative feedback) on ``batch``."""
+    engagements = len(tasks) - 1
+    binary = torch.cat([logits[:, :engagements], _negative_feedback_logit(logits[:, engagements:])[:, None]], 1)
+    labels = torch.cat([batch.labels[:, :engagements], (batch.labels[:, engagements:] > 0).float()], 1)
+    # sync_on_compute=False: rank 0 evaluates alone.
+    metrics = MultiTaskRankingMetrics(tasks, auc_bins=AUC_BINS, sync_on_compute=False)
+    metrics.update(binary, labels, batch.weights, batch.mask, groups=batch.groups)
+    return metrics.compute()
+
+
+def evaluate(ranker: Ranker, data: EngagementModel, rows: int, seed: int) -> list[Row]:
+    """Per task on held-out rows: the positive share; the training objective of the trained, Bayes-optimal
+    and base-rate models; the RANKED metrics of the trained and the Bayes-optimal model."""
+    batch = data.sample(rows, torch.Generator().manual_seed(seed + 10_000), request_rows=REQUEST_ROWS)
     # Rank 0 evaluates alone, so a loss with normalize="global" (a collective) will not do.
     loss = MultiTaskLoss(ranker.specs)
-    binary = [spec.name for spec in ranker.specs if spec.kind == "binary"]
-    engagements = len(binary)
+    tasks = [spec.name for spec in ranker.specs]  # the engagements, then the feedback
+    engagements = len(tasks) - 1
     log_pos_weight = loss.pos_weight[:engagements].log()
     # Under pos_weight p the loss-minimizing probability is p*q / (p*q + 1 - q) for the true q: the
     # true logit shifted by log p (the feedback's logits are not shifted). The best constant is the
@@ -146,76 +208,92 @@ def evaluate(ranker: Ranker, data: EngagementModel, rows: int, seed: int) -> lis
     feedback = batch.labels[batch.mask[:, -1], -1].long()
     shares = torch.bincount(feedback, minlength=len(FEEDBACK_CLASSES)).float() / feedback.numel()
     constant = torch.cat([torch.log(rate / (1 - rate)), shares.log()]) + shift
+    positives = torch.cat([rate, 1 - shares[:1]])
+    inputs = (batch.labels, batch.weights, batch.mask)
     with torch.no_grad():
         logits = ranker.tower(batch.features)
-        trained = loss(logits, batch.labels, batch.weights, batch.mask)
-        optimal = loss(batch.true_logits + shift, batch.labels, batch.weights, batch.mask)
-        base = loss(constant.expand_as(batch.true_logits), batch.labels, batch.weights, batch.mask)
-        # NE and calibration judge probabilities, so the trained logits lose the log(pos_weight)
-        # shift the loss taught them. sync_on_compute=False: rank 0 evaluates alone. The ranking
-        # metrics are binary: the feedback task gets its own NE and calibration.
-        inputs = (batch.labels[:, :engagements], batch.weights, batch.mask[:, :engagements])
-        ranking = {
-            "trained": MultiTaskRankingMetrics(binary, sync_on_compute=False),
-            "optimal": MultiTaskRankingMetrics(binary, sync_on_compute=False),
+        losses = [loss(x, *inputs) for x in (logits, batch.true_logits + shift, constant.expand_as(logits))]
+        # The ranking metrics judge probabilities: the trained logits lose the log(pos_weight) shift
+        # the loss taught them. Both models go through the same library metric.
+        probability_logits = {"trained": logits - shift, "optimal": batch.true_logits}
+        ranked = {model: _ranking_metrics(tasks, x, batch) for model, x in probability_logits.items()}
+        # The feedback's NE is that of its own multi-class objective, not of the binary event.
+        feedback_ne = {model: _feedback_ne(x[:, engagements:], batch) for model, x in probability_logits.items()}
+    table = []
+    for t, task in enumerate(tasks):
+        values = {
+            model: {metric.key: ranked[model][f"{metric.key}/{task}"].item() for metric in RANKED}
+            for model in probability_logits
         }
-        ranking["trained"].update(logits[:, :engagements] - log_pos_weight, *inputs)
-        ranking["optimal"].update(batch.true_logits[:, :engagements], *inputs)
-        ne = {model: metric.compute() for model, metric in ranking.items()}
-        feedback_ne, feedback_calibration = _feedback_scores(logits[:, engagements:], batch)
-        feedback_ne_optimal, _ = _feedback_scores(batch.true_logits[:, engagements:], batch)
-    rows_ = [
-        (
-            name,
-            rate[t].item(),
-            trained[f"loss/{name}"].item(),
-            optimal[f"loss/{name}"].item(),
-            base[f"loss/{name}"].item(),
-            ne["trained"][f"ne/{name}"].item(),
-            ne["optimal"][f"ne/{name}"].item(),
-            ne["trained"][f"calibration/{name}"].item(),
-        )
-        for t, name in enumerate(binary)
-    ]
-    rows_.append(
-        (
-            FEEDBACK,
-            1 - shares[0].item(),
-            trained[f"loss/{FEEDBACK}"].item(),
-            optimal[f"loss/{FEEDBACK}"].item(),
-            base[f"loss/{FEEDBACK}"].item(),
-            feedback_ne,
-            feedback_ne_optimal,
-            feedback_calibration,
-        )
-    )
-    return rows_
+        if task == FEEDBACK:
+            for model, ne in feedback_ne.items():
+                values[model]["ne"] = ne
+        trained, optimal, base = (result[f"loss/{task}"].item() for result in losses)
+        table.append(Row(task, positives[t].item(), (trained, optimal, base), values["trained"], values["optimal"]))
+    return table
 
 
-def plot(curve: Curve, path: Path) -> Optional[Path]:
+def _panel_grid(panels: int) -> tuple[int, int]:
+    return (1, panels) if panels <= 3 else (math.ceil(panels / 2), 2)
+
+
+def figure(curve: Curve, rows: list[Row], title: str) -> Any:
+    """The training curves as a ``matplotlib`` figure: a panel for the loss and one per logged RANKED metric,
+    each task in its own colour, solid over training, dashed at the Bayes-optimal model's held-out value."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    panels = [("loss", "loss per task", "training objective"), *((m.key, m.title, m.label) for m in RANKED if m.logged)]
+    grid = _panel_grid(len(panels))
+    fig, axes = plt.subplots(*grid, figsize=(5.4 * grid[1], 3.5 * grid[0] + 1.0), sharex=True, squeeze=False)
+    # The logged "loss" is the plain mean of the task losses (black); its optimum is the mean of theirs.
+    colours = {**{row.task: f"C{t}" for t, row in enumerate(rows)}, "loss": "black"}
+    optimum = {metric.key: {row.task: row.optimal[metric.key] for row in rows} for metric in RANKED}
+    optimum["loss"] = {row.task: row.losses[1] for row in rows}
+    optimum["loss"]["loss"] = sum(row.losses[1] for row in rows) / len(rows)
+    for ax, (key, panel_title, label) in zip(axes.flat[: len(panels)], panels, strict=True):
+        for task, colour in colours.items():
+            name = "loss" if key == task == "loss" else f"{key}/{task}"
+            if name not in curve.values:
+                continue
+            width = 2.2 if task == "loss" else 1.5
+            ax.plot(curve.steps, curve.values[name], color=colour, linewidth=width)
+            ax.axhline(optimum[key][task], color=colour, linestyle="--", linewidth=width * 0.7, alpha=0.8)
+        ax.set_title(panel_title, fontsize=11)
+        ax.set_ylabel(label, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=9)
+    for ax in axes.flat[len(panels) :]:
+        fig.delaxes(ax)
+    for ax in axes[-1]:
+        ax.set_xlabel("training step", fontsize=10)
+    fig.suptitle(title, fontsize=12)
+    tasks = [Line2D([], [], color=colour, linewidth=2) for colour in colours.values()]
+    names = [task if task != "loss" else "mean of the tasks" for task in colours]
+    fig.legend(tasks, names, loc="lower center", bbox_to_anchor=(0.5, 0.04), ncol=len(names), fontsize=9, frameon=False)
+    styles = [Line2D([], [], color="grey", linewidth=1.6, linestyle=style) for style in ("-", "--")]
+    kinds = ["trained model, over the last logging window", "Bayes-optimal model (the generating one), held out"]
+    fig.legend(styles, kinds, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=2, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.9 / (3.5 * grid[0] + 1.0), 1, 1))
+    return fig
+
+
+def plot(curve: Curve, rows: list[Row], title: str, path: Path) -> Optional[Path]:
+    """Save :func:`figure` as a PNG at ``path``; ``None`` without matplotlib."""
     try:
         import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, values in curve.values.items():
-        ax.plot(curve.steps, values, label=name, linewidth=2.5 if name == "loss" else 1.2)
-    ax.set_title("MultiTaskLoss on synthetic engagements: global loss per logging window", fontsize=10)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (log scale)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = figure(curve, rows, title)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def train(args: argparse.Namespace, weighting: str = "equal") -> list[tuple[str, float, ...]]:
+def train(args: argparse.Namespace, weighting: str = "equal") -> list[Row]:
     """Train one model with ``weighting``; rank 0 returns the final table's rows, other ranks none."""
     rank, world = _rank_and_world()
     torch.manual_seed(args.seed)  # the same initial model on every rank
@@ -230,7 +308,7 @@ def train(args: argparse.Namespace, weighting: str = "equal") -> list[tuple[str,
     global_loss = MultiTaskGlobalLoss(tasks)  # synced across ranks by torchmetrics
     local_loss = MultiTaskGlobalLoss(tasks, sync_on_compute=False)  # this rank's own window
     # Never reset: its window_* values cover about the last logging period of the global batch.
-    ranking = MultiTaskRankingMetrics(engagements, window=args.log_every * args.batch_size * world)
+    ranking = MultiTaskRankingMetrics(engagements, window=args.log_every * args.batch_size * world, auc_bins=AUC_BINS)
     log_pos_weight = ranker.loss.pos_weight[: args.tasks].log()  # the shift pos_weight puts on the logits
     # Under normalize="global" a rank's training loss is its share of the global mean, not its own
     # mean; this plain loss gives the rank's own mean for display.
@@ -261,7 +339,11 @@ def train(args: argparse.Namespace, weighting: str = "equal") -> list[tuple[str,
             window = global_loss.compute()
             global_loss.reset()
             ranked = ranking.compute()  # every rank: it syncs
-            curve.add(step, window)
+            curve.add(
+                step,
+                window,
+                {f"{m.key}/{t}": ranked[f"window_{m.key}/{t}"] for m in RANKED if m.logged for t in engagements},
+            )
             line = f"step {step:>5}: global loss {window['loss'].item():.4f}"
             applied = weights_text(losses, tasks)
             if world > 1:
@@ -283,6 +365,12 @@ def train(args: argparse.Namespace, weighting: str = "equal") -> list[tuple[str,
             line += " | calibration " + ", ".join(
                 f"{name} {ranked[f'window_calibration/{name}'].item():.2f}" for name in engagements
             )
+            line += (
+                "\n"
+                + " " * 13
+                + "AUC "
+                + ", ".join(f"{name} {ranked[f'window_auc/{name}'].item():.3f}" for name in engagements)
+            )
             if rank == 0:
                 (progress.write if progress else print)(line)
         if progress:
@@ -302,8 +390,12 @@ def train(args: argparse.Namespace, weighting: str = "equal") -> list[tuple[str,
         rows = evaluate(ranker, data, args.holdout, args.seed)
         print_table(rows)
         output = args.output if len(args.weighting) == 1 else args.output.with_stem(f"{args.output.stem}_{weighting}")
-        path = plot(curve, output)
-        print(f"loss curve: {path.resolve()}" if path else "loss curve: matplotlib not installed, no plot")
+        title = (
+            f"Multi-task ranker on synthetic engagements, {args.steps} steps x {args.batch_size} rows x {world} "
+            f"rank(s), weighting {weighting}"
+        )
+        path = plot(curve, rows, title, output)
+        print(f"training curves: {path.resolve()}" if path else "training curves: matplotlib not installed, no plot")
     if world > 1:
         dist.barrier()  # the other ranks wait for rank 0's evaluation
     return rows
@@ -314,32 +406,41 @@ def gap_closed(trained: float, optimal: float, base: float) -> float:
     return (base - trained) / (base - optimal) if base > optimal else float("nan")
 
 
-def print_table(rows: list[tuple[str, float, ...]]) -> None:
-    print("\nheld-out loss per task (the training objective: pos_weights, sample weights, mask), and NE")
-    print(
-        f"{'task':<8} {'positives':>9} {'trained':>9} {'optimal':>9} {'base rate':>10} {'gap closed':>11} "
-        f"{'NE':>7} {'NE opt.':>7} {'calibr.':>7}"
-    )
-    for name, rate, trained, optimal, base, ne, ne_optimal, calibration in rows:
-        closed = gap_closed(trained, optimal, base)
-        print(
-            f"{name:<8} {rate:>9.1%} {trained:>9.4f} {optimal:>9.4f} {base:>10.4f} {closed:>10.0%} "
-            f"{ne:>7.4f} {ne_optimal:>7.4f} {calibration:>7.3f}"
-        )
+def print_table(rows: list[Row]) -> None:
+    print("\nheld-out loss per task (the training objective: pos_weights, sample weights, mask)")
+    print(f"{'task':<8} {'positives':>9} {'trained':>9} {'optimal':>9} {'base rate':>10} {'gap closed':>11}")
+    for row in rows:
+        trained, optimal, base = row.losses
+        closed = gap_closed(*row.losses)
+        print(f"{row.task:<8} {row.positives:>9.1%} {trained:>9.4f} {optimal:>9.4f} {base:>10.4f} {closed:>10.0%}")
     print("optimal: the generating model's own loss (Bayes-optimal); base rate: the best constant prediction")
+    print("\nheld-out ranking metrics per task (MultiTaskRankingMetrics), of the trained and the Bayes-optimal model")
+    print((" " * 8 + "".join(f" {metric.header:^17}" for metric in RANKED)).rstrip())
+    print(f"{'task':<8}" + f" {'trained':>8} {'optimal':>8}" * len(RANKED))
+    for row in rows:
+        print(
+            f"{row.task:<8}"
+            + "".join(
+                f" {row.trained[metric.key]:>8.{metric.digits}f} {row.optimal[metric.key]:>8.{metric.digits}f}"
+                for metric in RANKED
+            )
+        )
     classes = " / ".join(name for name, _ in FEEDBACK_CLASSES)
-    print(f"{FEEDBACK}: multi-class ({classes}): positives = any negative feedback, NE = cross-entropy over the")
-    print("entropy of the class shares, calibr. = predicted over observed negative feedback")
-    print("NE: log loss of the probabilities over that of the positive rate (1 = base rate; lower is better),")
-    print("for the trained model and the Bayes-optimal one; calibr.: predicted over observed positives")
-    print("(of the final model; the training log's window values average the models of the last steps)")
+    print("NE: log loss of the probabilities over that of the positive rate (1 = base rate; lower is better);")
+    print("calibration: predicted over observed positives (of the final model; the training log's window")
+    print("values average the models of the last steps)")
+    print(f"AUC: over all held-out rows; gAUC: the mean AUC within requests of {REQUEST_ROWS} rows (one user's feed,")
+    print("whose rows share half their feature variance), weighted by their labelled weight, over the requests")
+    print("that hold a positive and a negative; what tells a user's items apart, without what tells users apart")
+    print(f"{FEEDBACK}: multi-class ({classes}); positives, AUC, calibration and gAUC are those of any negative")
+    print("feedback (the binary event), NE is the cross-entropy over the entropy of the class shares")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     tables = {weighting: train(args, weighting) for weighting in args.weighting}
     if len(tables) > 1 and all(tables.values()):  # rank 0
-        print_comparison({name: {row[0]: gap_closed(*row[2:5]) for row in rows} for name, rows in tables.items()})
+        print_comparison({name: {row.task: gap_closed(*row.losses) for row in rows} for name, rows in tables.items()})
     if dist.is_initialized():
         dist.barrier()  # all ranks tear down together
         dist.destroy_process_group()

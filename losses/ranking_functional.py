@@ -9,6 +9,10 @@ Two tables drive everything, so a new metric is one more row, not a branch:
   float64 tensor, rows in table order.
 - :data:`RESULTS`: each row is one metric per task, a ratio of those sums.
 
+The AUC histograms (:class:`AucBins`, :func:`auc_values`, :func:`auc_error_bound`) and the grouped
+sums of gauc and NDCG (:func:`grouped_sums`, :func:`grouped_values`) live in their own modules and
+are importable from here.
+
 :class:`~losses.MultiTaskRankingMetrics` holds the sums as float64 states; these functions are its
 functional twins, also usable on their own. Nothing here is differentiable: inputs are detached.
 """
@@ -23,7 +27,28 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from losses._auc import AucBins, auc_error_bound, auc_values
+from losses._grouped import grouped_sums, grouped_values
 from losses.functional import check_multi_task_inputs
+
+__all__ = [
+    "RESULTS",
+    "SUM_ROWS",
+    "AucBins",
+    "Elements",
+    "auc_error_bound",
+    "auc_values",
+    "elements",
+    "grouped_sums",
+    "grouped_values",
+    "ranking_compute",
+    "ranking_sums",
+    "ranking_values",
+    "result_keys",
+    "sums_of_elements",
+    "unchecked_ranking_sums",
+    "undefined_message",
+]
 
 
 class Elements(NamedTuple):
@@ -32,6 +57,7 @@ class Elements(NamedTuple):
     logits: torch.Tensor  #: x, the logit
     weight: torch.Tensor  #: s, the effective weight: positive mass plus negative mass over the rate
     positive: torch.Tensor  #: u, the positive mass w * y
+    sample_weight: Optional[torch.Tensor]  #: w, zero where unlabelled; None when every entry weighs 1
 
 
 def _prediction(e: Elements) -> torch.Tensor:
@@ -148,7 +174,7 @@ def elements(
         inverse_rates = neg_sampling_rates.detach().to(device=x.device, dtype=dtype).reciprocal()
         negative = (1.0 - y) if w is None else w - positive
         weight = negative.mul_(inverse_rates).add_(positive)
-    return Elements(x, weight, positive)
+    return Elements(x, weight, positive, w)
 
 
 def unchecked_ranking_sums(
@@ -161,7 +187,11 @@ def unchecked_ranking_sums(
     """:func:`ranking_sums` without its checks, for callers that made them."""
     if logits.dtype != torch.float64:
         logits = logits.to(torch.float32)
-    e = elements(logits, labels, weights, mask, neg_sampling_rates)
+    return sums_of_elements(elements(logits, labels, weights, mask, neg_sampling_rates))
+
+
+def sums_of_elements(e: Elements) -> torch.Tensor:
+    """The ``(K, T)`` float64 rows of :data:`SUM_ROWS` from a block's element quantities."""
     return torch.stack([_column_sums64(row(e)) for row in SUM_ROWS.values()])
 
 

@@ -41,7 +41,7 @@ class Ranker(L.LightningModule):
         self.step_loss = GlobalLoss()
         self.per_task = MultiTaskGlobalLoss(TASKS)
         self.totals = MetricCollection({"sum": MultiTaskGlobalLoss(TASKS, reduction="sum")}, prefix="total_")
-        self.ranking = MultiTaskRankingMetrics(TASKS)
+        self.ranking = MultiTaskRankingMetrics(TASKS, auc_bins=4096)
         self.seen: list[dict[str, Any]] = []
 
     def training_step(self, batch, batch_idx):
@@ -60,7 +60,7 @@ class Ranker(L.LightningModule):
         # A MetricCollection: updated here, computed and logged at the end of the epoch.
         self.totals.update(out, weight=x.shape[0])
         # Ranking metrics of every task: log_dict takes this metric too, one sync per epoch.
-        self.ranking.update(logits, y)
+        self.ranking.update(logits, y, groups=torch.arange(x.shape[0]) // 2)  # requests of 2 rows
         self.log_dict(self.ranking, on_step=False, on_epoch=True)
         self.record(batch_idx, out, x.shape[0], logits, y)
         return out["loss"]

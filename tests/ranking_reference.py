@@ -113,3 +113,111 @@ def ancestor_rce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
         baseline_ce = clipped_bce(mean_label, mean_label)
         result.append(((1 - pred_ce / baseline_ce) * 100).item())
     return result
+
+
+# ------------------------------------------------------------------ AUC, PR-AUC, gauc, NDCG
+# For binary labels (these helpers take no probabilities): a positive weighs w, a negative
+# w / rate; unlabelled entries are left out. NDCG's relevance is y >= 0.5.
+
+
+def auc_inputs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    t: int,
+    rate: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Task ``t``'s labelled float64 logits, classes (bool) and masses."""
+    x, y, w = _columns(logits, labels, weights, mask, t)
+    positive = y >= 0.5
+    return x, positive, torch.where(positive, w, w / rate)
+
+
+def exact_auc(x: torch.Tensor, positive: torch.Tensor, mass: torch.Tensor) -> float:
+    """Weighted ROC AUC by sorting every sample: pairs ordered right count 1, tied logits 1/2."""
+    order = torch.argsort(x)
+    x, positive, mass = x[order].double(), positive[order], mass[order].double()
+    pos = torch.where(positive, mass, 0.0)
+    neg = mass - pos
+    values, inverse = torch.unique_consecutive(x, return_inverse=True)
+    pos_tie = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, pos)
+    neg_tie = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, neg)
+    below = neg_tie.cumsum(0) - neg_tie
+    total = pos.sum() * neg.sum()
+    if total <= 0:
+        return math.nan
+    return ((pos_tie * (below + 0.5 * neg_tie)).sum() / total).item()
+
+
+def exact_average_precision(x: torch.Tensor, positive: torch.Tensor, mass: torch.Tensor) -> float:
+    """Weighted average precision, one threshold per distinct logit (scikit-learn's definition)."""
+    values, inverse = torch.unique(x.double(), return_inverse=True)
+    pos = torch.zeros(len(values), dtype=torch.float64).index_add_(
+        0, inverse, torch.where(positive, mass, 0.0).double()
+    )
+    neg = torch.zeros(len(values), dtype=torch.float64).index_add_(
+        0, inverse, torch.where(positive, 0.0, mass).double()
+    )
+    pos, neg = pos.flip(0), neg.flip(0)  # highest logit first
+    tp, fp = pos.cumsum(0), neg.cumsum(0)
+    if pos.sum() <= 0 or neg.sum() <= 0:
+        return math.nan
+    precision = torch.where(tp + fp > 0, tp / (tp + fp), 0.0)
+    return ((pos / pos.sum()) * precision).sum().item()
+
+
+def _dcg_at(gains_by_rank: list[float], k: int) -> float:
+    return sum(gain / math.log2(rank + 2) for rank, gain in enumerate(gains_by_rank[:k]))
+
+
+def group_metrics(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    groups: torch.Tensor,
+    t: int,
+    ks: Sequence[int] = (),
+    rate: float = 1.0,
+) -> dict[str, float]:
+    """gauc and ndcg@k of task ``t`` of one batch by a Python loop over its groups.
+
+    NDCG ranks the labelled entries of a group by logit; tied logits share their ranks' mean
+    discount (the expected DCG over the orders of the tie).
+    """
+    rows = torch.ones(logits.shape[0], dtype=torch.bool) if mask is None else mask[:, t]
+    auc_sum = auc_weight = 0.0
+    ndcg_sums = dict.fromkeys(ks, 0.0)
+    ndcg_groups = 0
+    for group in torch.unique(groups).tolist():
+        members = (groups == group) & rows
+        x = logits[members, t].double()
+        positive = labels[members, t].double() >= 0.5
+        if weights is None:
+            w = torch.ones_like(x)
+        elif weights.ndim == 1:
+            w = weights[members].double()
+        else:
+            w = weights[members, t].double()
+        mass = torch.where(positive, w, w / rate)
+        p, q = mass[positive].sum().item(), mass[~positive].sum().item()
+        if p > 0 and q > 0:
+            auc_sum += (p + q) * exact_auc(x, positive, mass)
+            auc_weight += p + q
+        if positive.any():
+            ndcg_groups += 1
+            # Expected DCG over tie orders: each entry takes the mean discount of its tie's ranks.
+            order = torch.argsort(-x, stable=True)
+            xs, gains = x[order].tolist(), positive[order].double().tolist()
+            for k in ks:
+                discounts = [1 / math.log2(r + 2) if r < k else 0.0 for r in range(len(xs))]
+                dcg = 0.0
+                for i, value in enumerate(xs):
+                    tie = [r for r, other in enumerate(xs) if other == value]
+                    dcg += gains[i] * sum(discounts[r] for r in tie) / len(tie)
+                ideal = _dcg_at(sorted(gains, reverse=True), k)
+                ndcg_sums[k] += dcg / ideal
+    out = {"gauc_sum": auc_sum, "gauc_weight": auc_weight, "ndcg_groups": float(ndcg_groups)}
+    out.update({f"ndcg_sum@{k}": value for k, value in ndcg_sums.items()})
+    return out

@@ -15,7 +15,7 @@ from torchmetrics import MetricCollection
 
 from losses import MultiTaskGlobalLoss, MultiTaskLoss
 from tests.conftest import run_command
-from tests.ranking_reference import reference_metrics
+from tests.ranking_reference import auc_inputs, exact_auc, exact_average_precision, group_metrics, reference_metrics
 
 #: Seconds for the whole launch (six fits); a hung collective fails the test instead of CI.
 TIMEOUT = 300
@@ -58,6 +58,25 @@ def _ranking(entries):
     logits = torch.tensor([row for entry in entries for row in entry["logits"]])
     labels = torch.tensor([row for entry in entries for row in entry["labels"]])
     return reference_metrics(TASKS, logits, labels)
+
+
+def _auc(entries):
+    """AUC, PR-AUC (exact, by sorting) and gauc (requests of 2 rows in each step) of the steps ``entries``."""
+    logits = torch.tensor([row for entry in entries for row in entry["logits"]], dtype=torch.float64)
+    labels = torch.tensor([row for entry in entries for row in entry["labels"]], dtype=torch.float64)
+    out = {}
+    for t, task in enumerate(TASKS):
+        x, positive, mass = auc_inputs(logits, labels, None, None, t)
+        out[f"auc/{task}"] = exact_auc(x, positive, mass)
+        out[f"pr_auc/{task}"] = exact_average_precision(x, positive, mass)
+        total, weight = 0.0, 0.0
+        for entry in entries:
+            step_logits = torch.tensor(entry["logits"], dtype=torch.float64)
+            groups = torch.arange(len(entry["logits"])) // 2
+            sums = group_metrics(step_logits, torch.tensor(entry["labels"]), None, None, groups, t)
+            total, weight = total + sums["gauc_sum"], weight + sums["gauc_weight"]
+        out[f"gauc/{task}"] = total / weight
+    return out
 
 
 def _weighted(records, reduction="mean"):
@@ -109,6 +128,12 @@ def test_log_dict_of_the_ranking_metric_logs_every_entry_of_the_global_batch(app
         for epoch, logged in enumerate(epochs):
             expected = _ranking(_entries(seen[0], epoch) + _entries(seen[1], epoch))
             assert {key: logged[key] for key in RANKING_KEYS} == pytest.approx(expected, rel=1e-6)
+            # AUC from 4096 bins: a pair of about 300 sharing a bin would move it by 2e-3; gauc is exact.
+            auc = _auc(_entries(seen[0], epoch) + _entries(seen[1], epoch))
+            for task in TASKS:
+                assert logged[f"auc/{task}"] == pytest.approx(auc[f"auc/{task}"], abs=5e-3)
+                assert logged[f"pr_auc/{task}"] == pytest.approx(auc[f"pr_auc/{task}"], abs=1e-2)
+                assert logged[f"gauc/{task}"] == pytest.approx(auc[f"gauc/{task}"], rel=1e-6)
         # One rank's data alone gives other values: these are the global ones.
         alone = _ranking(_entries(seen[rank], 0))
         assert epochs[0]["ne/fav"] != pytest.approx(alone["ne/fav"], rel=1e-4)
