@@ -6,15 +6,19 @@ import gc
 import io
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
+import threading
 import time
 import traceback
 import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -246,23 +250,9 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: f
 WARM_WORLD_SIZES = (2, 3)
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
-    # Warm both pools while the single-process tests run, on the core they leave free.
-    if any(_uses_ranks(item) for item in session.items):
-        for world_size in WARM_WORLD_SIZES:
-            if world_size not in _POOLS:
-                _POOLS[world_size] = _RankPool(world_size)
-
-
 def _uses_ranks(item: pytest.Item) -> bool:
     module = getattr(item, "module", None)
     return "ranks" in getattr(item, "fixturenames", ()) or getattr(module, "run_on_ranks", None) is run_on_ranks
-
-
-def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    # Killed, not shut down: nothing in a rank needs saving, and a clean gloo teardown costs seconds.
-    while _POOLS:
-        _POOLS.popitem()[1].kill()
 
 
 @pytest.fixture
@@ -298,3 +288,112 @@ def run_command(command: list[str], env: dict[str, str], timeout: float) -> str:
 def command() -> Callable[[list[str], dict[str, str], float], str]:
     """The :func:`run_command` runner, as a fixture."""
     return run_command
+
+
+# --- Launches ---------------------------------------------------------------------------------------
+# The few end-to-end tests run a command (the demo, the Lightning app) that spends seconds importing
+# torch and launching ranks. Declared at module level as a Launch, it starts in the background as
+# soon as its test is collected and runs beside the single-process tests, on the core they leave
+# free; the test then reads its output. One launch runs at a time, in the order the tests come.
+
+
+class Launch:
+    """``command`` run in its own process group, in the background, with ``timeout`` seconds to finish.
+
+    ``{out}`` in the command is replaced by :attr:`out_dir`, a fresh directory for its files, made
+    when the command starts.
+    """
+
+    def __init__(self, command: list[str], env: dict[str, str], timeout: float) -> None:
+        self.command = command
+        self.env = {**os.environ, **env}
+        self.out_dir = Path()
+        self.timeout = timeout
+        self.finished = threading.Event()
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[str] | None = None
+        self._output = ""
+        self._timed_out = False
+
+    def start(self) -> None:
+        """Start the command unless it is running or done (the test's own call starts it at once)."""
+        with self._lock:
+            if self._process is not None:
+                return
+            self.out_dir = Path(tempfile.mkdtemp(prefix="launch-"))
+            _STARTED_LAUNCHES.append(self)
+            self._process = subprocess.Popen(
+                [part.replace("{out}", str(self.out_dir)) for part in self.command],
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        threading.Thread(target=self._collect, daemon=True).start()
+
+    def _collect(self) -> None:
+        assert self._process is not None
+        try:
+            self._output, _ = self._process.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self._output, _ = self._process.communicate()
+            self._timed_out = True
+        finally:
+            self.finished.set()
+
+    def output(self) -> str:
+        """The command's output once it has finished; the test fails on a timeout or an exit code."""
+        self.start()
+        self.finished.wait()
+        assert self._process is not None
+        if self._timed_out:
+            pytest.fail(f"{self.command} still running after {self.timeout:.0f} s:\n{self._output[-3000:]}")
+        assert self._process.returncode == 0, self._output[-3000:]
+        return self._output
+
+    def kill(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            os.killpg(self._process.pid, signal.SIGKILL)
+
+
+#: Every launch that started, for the end of the session to stop and clean up.
+_STARTED_LAUNCHES: list[Launch] = []
+
+
+def _launch_one_after_another(launches: list[Launch]) -> None:
+    for launch in launches:
+        launch.start()
+        launch.finished.wait()
+
+
+def _collected_launches(items: list[pytest.Item]) -> list[Launch]:
+    """The Launch objects of the modules of ``items``, in the order the tests come."""
+    launches: dict[int, Launch] = {}
+    for item in items:
+        module = getattr(item, "module", None)
+        for value in vars(module).values() if module is not None else ():
+            if isinstance(value, Launch):
+                launches.setdefault(id(value), value)
+    return list(launches.values())
+
+
+# --- Session hooks ----------------------------------------------------------------------------------
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # Warm both pools and start the launches while the single-process tests run.
+    if any(_uses_ranks(item) for item in session.items):
+        for world_size in WARM_WORLD_SIZES:
+            if world_size not in _POOLS:
+                _POOLS[world_size] = _RankPool(world_size)
+    launches = _collected_launches(session.items)
+    threading.Thread(target=_launch_one_after_another, args=(launches,), daemon=True).start()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Killed, not shut down: nothing in a rank needs saving, and a clean gloo teardown costs seconds.
+    while _POOLS:
+        _POOLS.popitem()[1].kill()
+    for launch in _STARTED_LAUNCHES:
+        launch.kill()
+        shutil.rmtree(launch.out_dir, ignore_errors=True)
