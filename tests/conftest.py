@@ -28,6 +28,9 @@ import torch.multiprocessing as mp
 
 #: Seconds a whole multi-process run may take before every rank is killed and the test fails.
 RANKS_TIMEOUT = 120.0
+#: Seconds a pool's ranks may take to start and join their group (under pytest-timeout's 300 s).
+#: Five ranks importing torch at once on a 2-core machine that other jobs load took 120 s.
+POOL_START_TIMEOUT = 240.0
 
 # torch.compile's inductor compiles in a pool of worker processes (a torch import each) by default;
 # for the suite's small graphs warming that pool costs more than it saves: in-process compiling took
@@ -116,7 +119,8 @@ def _worker_main(rank: int, world_size: int, port: int, conn: Connection) -> Non
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world_size,
-        timeout=timedelta(seconds=RANKS_TIMEOUT / 2),
+        # Long enough for the slowest rank to arrive; a hung case is killed at its own timeout.
+        timeout=timedelta(seconds=POOL_START_TIMEOUT),
     )
     conn.send_bytes(_dumps(("ok", None)))
     environ, cwd = dict(os.environ), os.getcwd()
@@ -159,12 +163,13 @@ class _RankPool:
             theirs.close()
             self.connections.append(ours)
             self.processes.append(process)
-        self.started = time.monotonic()
         self.ready = False
 
     def run(self, fn: Callable[..., Any], args: tuple, timeout: float) -> list[Any]:
         if not self.ready:
-            self._replies("starting the process group", self.started + RANKS_TIMEOUT, RANKS_TIMEOUT)
+            # Counted from the first wait, not from the spawn: a pool warmed at collection may
+            # have shared the cores with a long run of other tests before anyone needed it.
+            self._replies("starting the process group", time.monotonic() + POOL_START_TIMEOUT, POOL_START_TIMEOUT)
             self.ready = True
         payload = _dumps((fn, args))
         deadline = time.monotonic() + timeout
@@ -172,7 +177,7 @@ class _RankPool:
             conn.send_bytes(payload)
         return self._replies(fn.__name__, deadline, timeout)
 
-    def _replies(self, what: str, deadline: float, timeout: float = RANKS_TIMEOUT) -> list[Any]:
+    def _replies(self, what: str, deadline: float, timeout: float) -> list[Any]:
         """Every rank's reply, in rank order; a rank's error, exit or the deadline fails the whole run."""
         replies: dict[int, Any] = {}
         errors: dict[int, str] = {}
