@@ -22,7 +22,7 @@ $(VENV)/.installed-%: setup.cfg setup.py $(CONSTRAINTS) | $(BIN)/python
 	touch $@
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check losses tests benchmarks demo docs

@@ -48,8 +48,9 @@ def column_sums(block: torch.Tensor) -> torch.Tensor:
     """
     rows, columns = block.shape
     # Under torch.compile the compiler writes its own reduction, and branching on the row count
-    # would build one graph per branch of a dynamic batch size.
-    if torch.compiler.is_compiling() or rows < _TWO_LEVEL_ROWS:
+    # would build one graph per branch of a dynamic batch size; under torch.jit.trace the row
+    # count is a tensor, and a branch on it would be frozen into the trace.
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or rows < _TWO_LEVEL_ROWS:  # type: ignore[attr-defined,no-untyped-call]
         return block.sum(0)
     head = rows - rows % _ROW_GROUP
     sums = block[:head].view(-1, _ROW_GROUP, columns).sum(1).sum(0)

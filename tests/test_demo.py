@@ -3,13 +3,27 @@
 import re
 import struct
 import sys
+from pathlib import Path
 
 import matplotlib
 import pytest
 import torch
 
+from tests.conftest import Launch
+
 TIMEOUT = 180
 ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+WEIGHTINGS = ["equal", "uncertainty", "dwa", "rlw", "gls"]
+
+# Each started in the background when these tests are collected (see Launch).
+DEMO = [sys.executable, "-m", "demo", "--no-progress", "--output", "{out}/curve.png"]
+TRAINING = Launch([*DEMO, "--steps", "300", "--holdout", "20000"], ENV, TIMEOUT)
+UNDER_TORCHRUN = Launch(
+    [*TORCHRUN, *DEMO[1:], "--steps", "100", "--log-every", "50", "--holdout", "5000", "--tasks", "3"], ENV, TIMEOUT
+)
+SHORT = ["--steps", "40", "--log-every", "20", "--holdout", "2000", "--tasks", "3"]
+WEIGHTING_COMPARISON = Launch([*DEMO, *SHORT, "--weighting", ",".join(WEIGHTINGS)], ENV, TIMEOUT)
 
 
 def _table(output):
@@ -50,13 +64,9 @@ def _logged_ranking(output):
     return logged
 
 
-def test_demo_trains_towards_the_optimal_loss(tmp_path, command):
-    plot = tmp_path / "curve.png"
-    output = command(
-        [sys.executable, "-m", "demo", "--steps", "300", "--holdout", "20000", "--no-progress", "--output", str(plot)],
-        ENV,
-        TIMEOUT,
-    )
+def test_demo_trains_towards_the_optimal_loss():
+    output = TRAINING.output()
+    plot = Path(TRAINING.out_dir) / "curve.png"
     table = _table(output)
     # The binary engagements, then the multi-class negative feedback (none / see-less / report).
     assert list(table) == ["click", "fav", "repost", "reply", "share", "feedback"]
@@ -99,28 +109,8 @@ def test_demo_trains_towards_the_optimal_loss(tmp_path, command):
     assert plot.stat().st_size > 30_000
 
 
-def test_demo_under_torchrun_shows_local_and_global_losses(tmp_path, command):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    output = command(
-        [
-            *torchrun,
-            "-m",
-            "demo",
-            "--steps",
-            "100",
-            "--log-every",
-            "50",
-            "--holdout",
-            "5000",
-            "--tasks",
-            "3",
-            "--no-progress",
-            "--output",
-            str(tmp_path / "curve.png"),
-        ],
-        ENV,
-        TIMEOUT,
-    )
+def test_demo_under_torchrun_shows_local_and_global_losses():
+    output = UNDER_TORCHRUN.output()
     lines = re.findall(r"step\s+(\d+): global loss ([\d.]+) \| rank (\d) local ([\d.]+)", output)
     assert {(step, rank) for step, _, rank, _ in lines} == {("50", "0"), ("50", "1"), ("100", "0"), ("100", "1")}
     for step in ("50", "100"):
@@ -135,14 +125,9 @@ def test_demo_under_torchrun_shows_local_and_global_losses(tmp_path, command):
     assert len(re.findall(r"^\s+AUC click [\d.]+, fav [\d.]+, repost [\d.]+$", output, re.MULTILINE)) == 2
 
 
-def test_demo_compares_task_weightings(tmp_path, command):
-    names = ["equal", "uncertainty", "dwa", "rlw", "gls"]
-    short_run = ["--steps", "40", "--log-every", "20", "--holdout", "2000", "--tasks", "3", "--no-progress"]
-    output = command(
-        [sys.executable, "-m", "demo", *short_run, "--weighting", ",".join(names), "--output", str(tmp_path / "c.png")],
-        ENV,
-        TIMEOUT,
-    )
+def test_demo_compares_task_weightings():
+    names = WEIGHTINGS
+    output = WEIGHTING_COMPARISON.output()
     assert [line.split(", weighting ")[1] for line in output.splitlines() if ", weighting " in line] == names
     # The weightings log the weights they applied; equal weighting has none to log.
     assert output.count("| weights click ") == 2 * (len(names) - 1)

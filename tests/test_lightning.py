@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MetricCollection
 
 from losses import MultiTaskGlobalLoss, MultiTaskLoss
-from tests.conftest import run_command
+from tests.conftest import Launch
 from tests.ranking_reference import auc_inputs, exact_auc, exact_average_precision, group_metrics, reference_metrics
 
 #: Seconds for the whole launch (six fits); a hung collective fails the test instead of CI.
@@ -24,12 +24,18 @@ TASKS = ["fav", "reply"]
 RANKING_KEYS = [f"{name}/{task}" for name in ("ne", "rce", "logloss", "calibration", "ctr") for task in TASKS]
 
 
+# Started in the background when these tests are collected (see Launch).
+APP = Launch(
+    [sys.executable, str(Path(__file__).with_name("lightning_app.py")), "{out}"],
+    {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()},
+    TIMEOUT,
+)
+
+
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lightning")
-    script = Path(__file__).with_name("lightning_app.py")
-    env = {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    run_command([sys.executable, str(script), str(out)], env, TIMEOUT)
+def app():
+    APP.output()
+    out = APP.out_dir
 
     def result(fit, rank):
         return json.loads((out / f"{fit}_rank{rank}.json").read_text())
