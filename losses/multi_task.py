@@ -481,6 +481,8 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
         constants = (("pos_weight", pos_weight), ("task_weight", task_weight))
         if self._option_names:
             constants += tuple((name, getattr(group, name)) for group, name in self._option_names)
+        if self.ranking is not None:
+            constants += (("ranking_weight", self.ranking.ranking_weight),)
         checks.check_multi_task_loss_inputs(
             logits, labels, weights, mask, len(self.tasks), self._class_layout, self._width, constants
         )

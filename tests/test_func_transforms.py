@@ -160,3 +160,17 @@ def test_functional_call_with_a_buffer_that_requires_grad_is_refused(tasks, buff
         torch.func.functional_call(loss, {buffer: replacement}, (x, y), {"mask": mask})
     out = torch.func.functional_call(loss, {buffer: replacement.detach()}, (x, y), {"mask": mask})
     torch.testing.assert_close(out["loss"], loss(x, y, mask=mask)["loss"])
+
+
+def test_functional_call_with_a_ranking_weight_that_requires_grad_is_refused():
+    # The ranking weight is a constant like the other buffers: MultiTaskLoss differentiates the
+    # logits only, whatever torch.func.functional_call hands in.
+    loss = MultiTaskLoss([Task("a", ranking="pairwise_logistic", ranking_weight=0.5), "b"])
+    x, y = torch.randn(8, 2), (torch.rand(8, 2) < 0.5).float()
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    replacement = loss.ranking.ranking_weight.detach().clone().requires_grad_()
+    refused = r"Expected `ranking_weight` not to require grad: it is a constant of the loss"
+    with pytest.raises(ValueError, match=refused):
+        torch.func.functional_call(loss, {"ranking.ranking_weight": replacement}, (x, y), {"groups": groups})
+    out = torch.func.functional_call(loss, {"ranking.ranking_weight": replacement.detach()}, (x, y), {"groups": groups})
+    torch.testing.assert_close(out["loss"], loss(x, y, groups=groups)["loss"])
