@@ -54,11 +54,10 @@ def dense_rank(groups: torch.Tensor) -> torch.Tensor:
 
 def _descending_bits(logits: torch.Tensor) -> torch.Tensor:
     """Int64 keys in ``[-2**31, 2**31)`` that order like the float32 logits, highest first (-0.0 equal to 0.0)."""
-    bits = (logits.to(torch.float32) + 0.0).view(torch.int32)
-    # Negative floats: flipping all bits but the sign orders them below the positives as int32;
-    # flipping every bit then reverses the whole order.
-    flipped = bits.bitwise_xor_((bits >> 31).bitwise_and_(0x7FFFFFFF)).bitwise_not_()
-    return flipped.to(torch.int64)
+    # The bits of -x (0 - x: -0.0 and 0.0 both give 0.0) ordered as int32: flipping all bits but
+    # the sign of a negative float orders it below the positives.
+    bits = torch.rsub(logits.to(torch.float32), 0.0).view(torch.int32)
+    return bits.bitwise_xor_((bits >> 31).bitwise_and_(0x7FFFFFFF)).to(torch.int64)
 
 
 def _discount_table(ks: Sequence[int], size: int, device: torch.device) -> torch.Tensor:
@@ -181,11 +180,11 @@ def grouped_sums(
     table = _discount_table(ks, rows, device)  # (K, B + 1)
     if ks:
         # Ranks from the group's top; a tied run shares the mean discount of the ranks it spans.
-        last = (padded - group_first).add_(1)
-        before = run_first - group_first
-        share = run_relevant.div_((padded - run_first).add_(1))
+        last = padded - group_first  # the rank of the run's last entry, less 1
+        before = run_first - group_first  # the ranks above the run
+        share = run_relevant.div_(torch.sub(last, before).add_(1))
         for row, discount in zip(values[4:], table, strict=True):  # per cutoff k
-            torch.take(discount, last, out=row).sub_(torch.take(discount, before)).mul_(share)
+            torch.take(discount[1:], last, out=row).sub_(torch.take(discount, before)).mul_(share)
     torch.cumsum(values[3:], 2, out=sums[3:, :, 1:])
 
     # At a group's last entry: the group's sums (its masses, positives, pair terms and DCGs).
