@@ -95,9 +95,11 @@ class AucBins:
             flat = mass.to(mass_dtype).expand(logits.shape).reshape(-1)
             counts[kind].scatter_add_(1, index[: 2 * half].view(2, half), flat[: 2 * half].view(2, half))
             counts[kind, 0].scatter_add_(0, index[2 * half :], flat[2 * half :])
-        whole, positives = counts.to(torch.float64).sum(1)
+        # The halves summed in float64: the whole mass, then the positive mass.
+        histograms = torch.sum(counts, 1, dtype=torch.float64)
         # Negative mass: the whole minus the positive, never below zero by rounding.
-        return torch.stack([(whole - positives).clamp_(min=0.0), positives]).view(self.shape)
+        histograms[0].sub_(histograms[1]).clamp_(min=0.0)
+        return histograms.view(self.shape)
 
 
 def _split(histograms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
