@@ -93,19 +93,15 @@ def _sort_block(
     return ordered, order.mul_(tasks).add_(torch.arange(tasks, device=logits.device).unsqueeze(1))
 
 
-def _starts(values: torch.Tensor) -> torch.Tensor:
-    """``(T, B)`` bool: where a run of equal values begins along each row."""
-    starts = torch.empty_like(values, dtype=torch.bool)
-    starts[:, 0] = True
-    torch.ne(values[:, 1:], values[:, :-1], out=starts[:, 1:])
-    return starts
-
-
-def _ends(starts: torch.Tensor) -> torch.Tensor:
-    ends = torch.empty_like(starts)
-    ends[:, -1] = True
-    ends[:, :-1] = starts[:, 1:]
-    return ends
+def _runs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(T, B)`` bool each: where a run of equal values starts, and where it ends, along each row."""
+    tasks, rows = values.shape
+    # Boundary j (0 .. B) lies before entry j: the starts are boundaries 0 .. B - 1, the ends 1 .. B.
+    boundary = torch.empty(tasks, rows + 1, dtype=torch.bool, device=values.device)
+    boundary[:, 0] = True
+    boundary[:, -1] = True
+    torch.ne(values[:, 1:], values[:, :-1], out=boundary[:, 1:-1])
+    return boundary[:, :-1], boundary[:, 1:]
 
 
 def _before(sums: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
@@ -150,9 +146,8 @@ def grouped_sums(
     if rows == 0:
         return out
     keys, source = _sort_block(logits, labelled, groups)
-    run_start = _starts(keys)
-    group_start = _starts(keys >> _LOW_BITS)
-    run_end, group_end = _ends(run_start), _ends(group_start)
+    run_start, run_end = _runs(keys)
+    group_start, group_end = _runs(keys >> _LOW_BITS)
 
     # Rows 0-2: the positive mass, negative mass and relevance of each entry in sorted order;
     # rows 3..: per run, at its last entry, the AUC's pair term and the DCG of each k. Their
@@ -177,12 +172,16 @@ def grouped_sums(
     # highest logit first), its own negatives counting half.
     group_base = _before(sums[:3], group_first)
     torch.sub(sums[1, :, 1:], group_base[1], out=values[3]).sub_(run_q, alpha=0.5).mul_(run_p)
-    table = _discount_table(ks, rows, device)  # (K, B + 1)
+    # Summed discounts up to rank r; constant from the largest k on, so ranks are capped there.
+    top = min(rows, max(ks, default=0))
+    table = _discount_table(ks, top, device)  # (K, top + 1)
     if ks:
         # Ranks from the group's top; a tied run shares the mean discount of the ranks it spans.
         last = padded - group_first  # the rank of the run's last entry, less 1
         before = run_first - group_first  # the ranks above the run
         share = run_relevant.div_(torch.sub(last, before).add_(1))
+        last.clamp_(max=top - 1)
+        before.clamp_(max=top)
         for row, discount in zip(values[4:], table, strict=True):  # per cutoff k
             torch.take(discount[1:], last, out=row).sub_(torch.take(discount, before)).mul_(share)
     torch.cumsum(values[3:], 2, out=sums[3:, :, 1:])
@@ -202,7 +201,7 @@ def grouped_sums(
     ranked = group_end & (positives > 0)
     out[3] = torch.count_nonzero(ranked, 1)
     if ks:
-        count = positives.to(torch.int64)
+        count = positives.to(torch.int64).clamp_(max=top)
         ideal = torch.stack([torch.take(discount, count) for discount in table])
         out[4:] = torch.where(ranked, totals[4:] / ideal, 0.0).sum(-1)
     return out
