@@ -116,8 +116,8 @@ def _sorted_masses(
     """Writes each entry's positive mass, negative mass and relevance in sorted order into ``out`` ``(3, T, B)``."""
     shape = relevant.shape
     dtype = torch.float64 if torch.float64 in (positive.dtype, weight.dtype) else torch.float32
-    # One gather of (whole, positive) pairs: the sort's order is random access over the block,
-    # and a pair costs one cache miss where two gathers cost two.
+    # One gather of (positive, whole) pairs in their own dtype: the sort's order is random access
+    # over the block, and a pair costs one cache miss where two gathers cost two.
     pairs = torch.view_as_complex(torch.stack([positive.to(dtype).expand(shape), weight.to(dtype).expand(shape)], -1))
     out[:2].view(2, -1).copy_(torch.view_as_real(pairs.view(-1).gather(0, source.view(-1))).t())
     out[1] -= out[0]
