@@ -114,14 +114,16 @@ def _sorted_masses(
     positive: torch.Tensor, weight: torch.Tensor, relevant: torch.Tensor, source: torch.Tensor, out: torch.Tensor
 ) -> None:
     """Writes each entry's positive mass, negative mass and relevance in sorted order into ``out`` ``(3, T, B)``."""
+    # ``out`` may be a strided view: each write below is a copy into it.
     shape = relevant.shape
     dtype = torch.float64 if torch.float64 in (positive.dtype, weight.dtype) else torch.float32
     # One gather of (positive, whole) pairs in their own dtype: the sort's order is random access
     # over the block, and a pair costs one cache miss where two gathers cost two.
     pairs = torch.view_as_complex(torch.stack([positive.to(dtype).expand(shape), weight.to(dtype).expand(shape)], -1))
-    out[:2].view(2, -1).copy_(torch.view_as_real(pairs.view(-1).gather(0, source.view(-1))).t())
+    index = source.view(-1)
+    out[:2].copy_(torch.view_as_real(pairs.view(-1).gather(0, index)).t().view(out[:2].shape))
     out[1] -= out[0]
-    out[2].view(-1).copy_(relevant.reshape(-1).gather(0, source.view(-1)))
+    out[2].copy_(relevant.reshape(-1).gather(0, index).view(out[2].shape))
 
 
 def grouped_sums(
@@ -150,14 +152,15 @@ def grouped_sums(
     group_start, group_end = _runs(keys >> _LOW_BITS)
 
     # Rows 0-2: the positive mass, negative mass and relevance of each entry in sorted order;
-    # rows 3..: per run, at its last entry, the AUC's pair term and the DCG of each k. Their
-    # running sums along each task's row, 0 first: sums[:, t, j] is the sum before entry j.
+    # rows 3..: per run, at its last entry, the AUC's pair term and the DCG of each k. Each is
+    # written after the 0 that starts its row and turned into running sums in place:
+    # sums[:, t, j] is the sum before entry j, sums[:, t, j + 1] the sum through it.
     quantities = 4 + len(ks)
-    values = torch.empty(quantities, tasks, rows, dtype=torch.float64, device=device)
-    sums = values.new_empty(quantities, tasks, rows + 1)
+    sums = torch.empty(quantities, tasks, rows + 1, dtype=torch.float64, device=device)
     sums[:, :, 0] = 0.0
-    _sorted_masses(positive, weight, relevant, source, values)
-    torch.cumsum(values[:3], 2, out=sums[:3, :, 1:])
+    values = sums[:, :, 1:]
+    _sorted_masses(positive, weight, relevant, source, values[:3])
+    values[:3].cumsum_(2)
 
     # The padded position (t (B + 1) + j) of the first entry of each entry's run and group.
     padded = torch.arange(tasks * (rows + 1), device=device).view(tasks, rows + 1)[:, :rows]
@@ -165,13 +168,13 @@ def grouped_sums(
     group_first = torch.where(group_start, padded, 0).cummax(1).values
 
     # At a run's last entry: its masses and relevant count (zero elsewhere).
-    in_run = values[:3]  # reused: the masses are in the running sums now
-    torch.sub(sums[:3, :, 1:], _before(sums[:3], run_first), out=in_run).masked_fill_(~run_end, 0.0)
+    in_run = _before(sums[:3], run_first)
+    torch.sub(values[:3], in_run, out=in_run).masked_fill_(~run_end, 0.0)
     run_p, run_q, run_relevant = in_run
     # The run's positives against the negatives above it in its group (the entries are ordered
     # highest logit first), its own negatives counting half.
     group_base = _before(sums[:3], group_first)
-    torch.sub(sums[1, :, 1:], group_base[1], out=values[3]).sub_(run_q, alpha=0.5).mul_(run_p)
+    torch.sub(values[1], group_base[1], out=values[3]).sub_(run_q, alpha=0.5).mul_(run_p)
     # Summed discounts up to rank r; constant from the largest k on, so ranks are capped there.
     top = min(rows, max(ks, default=0))
     table = _discount_table(ks, top, device)  # (K, top + 1)
@@ -183,14 +186,15 @@ def grouped_sums(
         last.clamp_(max=top - 1)
         before.clamp_(max=top)
         for row, discount in zip(values[4:], table, strict=True):  # per cutoff k
-            torch.take(discount[1:], last, out=row).sub_(torch.take(discount, before)).mul_(share)
-    torch.cumsum(values[3:], 2, out=sums[3:, :, 1:])
+            row.copy_(torch.take(discount[1:], last).sub_(torch.take(discount, before)).mul_(share))
+    values[3:].cumsum_(2)
 
     # At a group's last entry: the group's sums (its masses, positives, pair terms and DCGs).
-    totals = values  # reused
-    torch.sub(sums[:3, :, 1:], group_base, out=totals[:3])
-    torch.sub(sums[3:, :, 1:], _before(sums[3:], group_first), out=totals[3:])
-    p_mass, q_mass, positives, pair_terms = totals[:4]
+    group_sums = torch.sub(values[:3], group_base, out=group_base)
+    terms = _before(sums[3:], group_first)
+    torch.sub(values[3:], terms, out=terms)
+    p_mass, q_mass, positives = group_sums
+    pair_terms = terms[0]
     pairs = p_mass * q_mass
     both = group_end & (p_mass > 0) & (q_mass > 0)
     group_weight = p_mass + q_mass
@@ -203,7 +207,7 @@ def grouped_sums(
     if ks:
         count = positives.to(torch.int64).clamp_(max=top)
         ideal = torch.stack([torch.take(discount, count) for discount in table])
-        out[4:] = torch.where(ranked, totals[4:] / ideal, 0.0).sum(-1)
+        out[4:] = torch.where(ranked, terms[1:] / ideal, 0.0).sum(-1)
     return out
 
 
