@@ -77,22 +77,29 @@ class AucBins:
         """The ``(2, T, N)`` float64 histograms of one ``[B, T]`` block.
 
         ``positive`` is each entry's positive mass, ``weight`` its whole mass (positive plus
-        negative; both zero where unlabelled). One clamp, one affine map and two scatter-adds over
-        the flattened (task, bin) index: no loop over tasks, no value read on the host. The
-        block's masses are summed in float32 (float64 for float64 logits), then in float64.
+        negative; both zero where unlabelled). One clamp and one affine map to the flat (task, bin)
+        index, then one scatter-add per mass, no loop over tasks, no value read on the host. Each
+        scatter-add goes into two histograms, one per half of the block's rows (an odd last row
+        into the first): torch runs the rows of a 2D ``scatter_add_`` in parallel on the CPU,
+        where a 1D one runs on one thread. The masses are summed in float32 (float64 for float64
+        logits) within each half, then in float64.
         """
         dtype = self.index_dtype if logits.dtype != torch.float64 else torch.float64
         x = torch.nan_to_num(logits.to(dtype), nan=DENSE_RANGE[0]).clamp_(*DENSE_RANGE)
-        index = torch.add(self._offset(x.device, dtype), x, alpha=1.0 / self.width).to(torch.int32).view(-1)
+        index = torch.add(self._offset(x.device, dtype), x, alpha=1.0 / self.width, out=x).to(torch.int64)
         mass_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        size = self.num_tasks * self.bins
-        counts = torch.zeros(2, size, dtype=mass_dtype, device=logits.device)
-        counts[0].index_add_(0, index, weight.to(mass_dtype).reshape(-1))
-        counts[1].index_add_(0, index, positive.to(mass_dtype).reshape(-1))
-        counts = counts.to(torch.float64)
+        index = index.reshape(-1)
+        half = logits.shape[0] // 2 * self.num_tasks
+        counts = torch.zeros(2, 2, self.num_tasks * self.bins, dtype=mass_dtype, device=logits.device)
+        for kind, mass in enumerate((weight, positive)):
+            flat = mass.to(mass_dtype).expand(logits.shape).reshape(-1)
+            counts[kind].scatter_add_(1, index[: 2 * half].view(2, half), flat[: 2 * half].view(2, half))
+            counts[kind, 0].scatter_add_(0, index[2 * half :], flat[2 * half :])
+        # The halves summed in float64: the whole mass, then the positive mass.
+        histograms = torch.sum(counts, 1, dtype=torch.float64)
         # Negative mass: the whole minus the positive, never below zero by rounding.
-        counts[0].sub_(counts[1]).clamp_(min=0.0)
-        return counts.view(self.shape)
+        histograms[0].sub_(histograms[1]).clamp_(min=0.0)
+        return histograms.view(self.shape)
 
 
 def _split(histograms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

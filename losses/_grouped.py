@@ -1,10 +1,15 @@
 r"""Grouped AUC and NDCG@k per task from one ``[B, T]`` block with a group id per row, as sums.
 
 A group is the rows that share one id inside one block (one ``update``): a user or a request.
-Inside a group the entries of each task are ordered by logit with one sort of the whole block on
-a combined key (group, then logit; unlabelled entries below every labelled one), so there is no
-loop over groups or tasks and no value is read on the host. Logits are compared in float32 (a
-float64 logit is rounded first); equal logits tie.
+The ``B`` ids are ranked ``0 .. G - 1`` with a sort of the ids alone (:func:`dense_rank`); then
+one sort of the block's ``B T`` entries on a combined int64 key (task, group rank, logit highest
+first; unlabelled entries after every labelled one) orders each task's entries group by group.
+When the key fits in 63 bits (the task and group bits come from the shape, no value is read) the
+keys are one 1D tensor, which torch sorts with a parallel radix sort on the CPU; otherwise each
+task's row is sorted. Runs of equal keys (ties) and groups are then read from running sums along
+each task's row, taken at each run's and group's first entry: no loop over groups or tasks, no
+value read on the host. Logits are compared in float32 (a float64 logit is rounded first); equal
+logits tie.
 
 Per group :math:`g` and task, with the masses of :mod:`losses._auc` (an entry weighs
 :math:`w y` as a positive and :math:`w (1 - y) / r` as a negative):
@@ -28,8 +33,8 @@ from typing import Optional
 
 import torch
 
-_LOW_BITS = 33  # an ordered float32 key in [1, 2**32]; 0 marks an unlabelled entry
-_LOW_MASK = (1 << _LOW_BITS) - 1
+_LOW_BITS = 33  # a logit's key in [0, 2**32), highest logit first; 2**32 marks an unlabelled entry
+_KEY_BITS = 63  # the bits of a non-negative int64: task, group rank and logit must fit for one 1D sort
 
 
 def group_rows(ks: Sequence[int]) -> tuple[str, ...]:
@@ -47,12 +52,12 @@ def dense_rank(groups: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(new).scatter_(0, order, new.cumsum(0))
 
 
-def _ordered_bits(logits: torch.Tensor) -> torch.Tensor:
-    """Int64 keys in ``[1, 2**32]`` that order like the float32 logits (-0.0 equal to 0.0)."""
-    bits = (logits.to(torch.float32) + 0.0).view(torch.int32)
-    # Negative floats: flipping all bits but the sign reverses their order below the positives.
-    flipped = bits.bitwise_xor((bits >> 31) & 0x7FFFFFFF)
-    return flipped.to(torch.int64).add_(2**31 + 1)
+def _descending_bits(logits: torch.Tensor) -> torch.Tensor:
+    """Int64 keys in ``[-2**31, 2**31)`` that order like the float32 logits, highest first (-0.0 equal to 0.0)."""
+    # The bits of -x (0 - x: -0.0 and 0.0 both give 0.0) ordered as int32: flipping all bits but
+    # the sign of a negative float orders it below the positives.
+    bits = torch.rsub(logits.to(torch.float32), 0.0).view(torch.int32)
+    return bits.bitwise_xor_((bits >> 31).bitwise_and_(0x7FFFFFFF)).to(torch.int64)
 
 
 def _discount_table(ks: Sequence[int], size: int, device: torch.device) -> torch.Tensor:
@@ -64,12 +69,61 @@ def _discount_table(ks: Sequence[int], size: int, device: torch.device) -> torch
     return torch.cat([table.new_zeros(len(ks), 1), table], 1)
 
 
-def _segment_start(starts: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    return torch.where(starts, positions, 0).cummax(-1).values
+def _sort_block(
+    logits: torch.Tensor, labelled: Optional[torch.Tensor], groups: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(T, B)`` keys sorted by (task, group, logit descending) and the flat ``[B, T]`` index of each.
+
+    One sort of the ``B T`` keys (task, group rank, logit bits) as a single int64 tensor when they
+    fit in 63 bits (the task and group bits from the shape alone): torch sorts 1D integers with a
+    parallel radix sort on the CPU. Otherwise each task's row is sorted on (group rank, logit).
+    """
+    rows, tasks = logits.shape
+    low = _descending_bits(logits)
+    if labelled is not None:
+        low = torch.where(labelled, low, 2**31)  # after every labelled entry
+    rank = (dense_rank(groups) << _LOW_BITS).add_(2**31)  # and the logit keys from 0
+    group_bits = (rows - 1).bit_length()
+    if (tasks - 1).bit_length() + group_bits + _LOW_BITS <= _KEY_BITS:
+        task = torch.arange(tasks, device=logits.device) << (group_bits + _LOW_BITS)
+        ordered, index = torch.sort(low.add_(rank.unsqueeze(1)).add_(task).view(-1))
+        return ordered.view(tasks, rows), index.view(tasks, rows)
+    # Rows of the sort contiguous: sorting a transposed view costs half as much again.
+    ordered, order = torch.sort(low.add_(rank.unsqueeze(1)).t().contiguous(), dim=1)
+    return ordered, order.mul_(tasks).add_(torch.arange(tasks, device=logits.device).unsqueeze(1))
 
 
-def _segment_end(ends: torch.Tensor, positions: torch.Tensor, last: int) -> torch.Tensor:
-    return torch.where(ends, positions, last).flip(-1).cummin(-1).values.flip(-1)
+def _runs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(T, B)`` bool each: where a run of equal values starts, and where it ends, along each row."""
+    tasks, rows = values.shape
+    # Boundary j (0 .. B) lies before entry j: the starts are boundaries 0 .. B - 1, the ends 1 .. B.
+    boundary = torch.empty(tasks, rows + 1, dtype=torch.bool, device=values.device)
+    boundary[:, 0] = True
+    boundary[:, -1] = True
+    torch.ne(values[:, 1:], values[:, :-1], out=boundary[:, 1:-1])
+    return boundary[:, :-1], boundary[:, 1:]
+
+
+def _before(sums: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """``(n, T, B)``: the running sums ``(n, T, B + 1)`` before each entry's run or group, at padded ``first``."""
+    flat = sums.reshape(len(sums), -1)
+    return flat.gather(1, first.view(1, -1).expand(len(sums), -1)).view(len(sums), *first.shape)
+
+
+def _sorted_masses(
+    positive: torch.Tensor, weight: torch.Tensor, relevant: torch.Tensor, source: torch.Tensor, out: torch.Tensor
+) -> None:
+    """Writes each entry's positive mass, negative mass and relevance in sorted order into ``out`` ``(3, T, B)``."""
+    # ``out`` may be a strided view: each write below is a copy into it.
+    shape = relevant.shape
+    dtype = torch.float64 if torch.float64 in (positive.dtype, weight.dtype) else torch.float32
+    # One gather of (positive, whole) pairs in their own dtype: the sort's order is random access
+    # over the block, and a pair costs one cache miss where two gathers cost two.
+    pairs = torch.view_as_complex(torch.stack([positive.to(dtype).expand(shape), weight.to(dtype).expand(shape)], -1))
+    index = source.view(-1)
+    out[:2].copy_(torch.view_as_real(pairs.view(-1).gather(0, index)).t().view(out[:2].shape))
+    out[1] -= out[0]
+    out[2].copy_(relevant.reshape(-1).gather(0, index).view(out[2].shape))
 
 
 def grouped_sums(
@@ -89,67 +143,71 @@ def grouped_sums(
     integer id per row; ``ks`` the NDCG cutoffs.
     """
     rows, tasks = logits.shape
-    out = torch.zeros(len(group_rows(ks)), tasks, dtype=torch.float64, device=logits.device)
+    device = logits.device
+    out = torch.zeros(len(group_rows(ks)), tasks, dtype=torch.float64, device=device)
     if rows == 0:
         return out
-    shape = logits.shape
-    low = _ordered_bits(logits)
-    if labelled is not None:
-        low = low * labelled
-    # Rows of the sort contiguous: sorting a transposed view costs half as much again.
-    key = (dense_rank(groups).unsqueeze(1) << _LOW_BITS).add(low).t().contiguous()
-    sorted_key, order = torch.sort(key, dim=1)  # the one sort: per task, by group, then logit
-    group = sorted_key >> _LOW_BITS  # dense ids 0 .. G - 1, ascending along each row
-    pos_mass = positive.expand(shape).t().gather(1, order).to(torch.float64)
-    neg_mass = weight.expand(shape).t().gather(1, order).to(torch.float64).sub_(pos_mass)
-    rel = relevant.t().gather(1, order)
+    keys, source = _sort_block(logits, labelled, groups)
+    run_start, run_end = _runs(keys)
+    group_start, group_end = _runs(keys >> _LOW_BITS)
 
-    positions = torch.arange(rows, device=logits.device).expand(tasks, rows)
-    run_start = torch.ones_like(rel)
-    run_start[:, 1:] = sorted_key[:, 1:] != sorted_key[:, :-1]
-    run_end = torch.ones_like(rel)
-    run_end[:, :-1] = run_start[:, 1:]
-    group_end = torch.ones_like(rel)
-    group_end[:, :-1] = group[:, 1:] != group[:, :-1]
-    rs = _segment_start(run_start, positions)
-    re = _segment_end(run_end, positions, rows - 1)
-    ge = _segment_end(group_end, positions, rows - 1)
+    # Rows 0-2: the positive mass, negative mass and relevance of each entry in sorted order;
+    # rows 3..: per run, at its last entry, the AUC's pair term and the DCG of each k. Each is
+    # written after the 0 that starts its row and turned into running sums in place:
+    # sums[:, t, j] is the sum before entry j, sums[:, t, j + 1] the sum through it.
+    quantities = 4 + len(ks)
+    sums = torch.empty(quantities, tasks, rows + 1, dtype=torch.float64, device=device)
+    sums[:, :, 0] = 0.0
+    values = sums[:, :, 1:]
+    _sorted_masses(positive, weight, relevant, source, values[:3])
+    values[:3].cumsum_(2)
 
-    # AUC: each positive mass against the negative mass below its run in the row, plus half its
-    # run's; the part below its group's start is taken off per group, below.
-    neg_through = neg_mass.cumsum(1)
-    run_floor = neg_through.gather(1, rs) - neg_mass.gather(1, rs)
-    tied = neg_through.gather(1, re) - run_floor
-    pairs = pos_mass * run_floor.add_(tied, alpha=0.5)
+    # The padded position (t (B + 1) + j) of the first entry of each entry's run and group.
+    padded = torch.arange(tasks * (rows + 1), device=device).view(tasks, rows + 1)[:, :rows]
+    run_first = torch.where(run_start, padded, 0).cummax(1).values
+    group_first = torch.where(group_start, padded, 0).cummax(1).values
 
-    # NDCG: ranks counted from the group's top; a tied run shares the mean discount of its ranks.
-    table = _discount_table(ks, rows, logits.device)  # (K, B + 1)
-    top = (ge - rs + 1).reshape(-1)
-    bottom = (ge - re).reshape(-1)
-    spread = (re - rs + 1).to(torch.float64)
-    gains = (table[:, top] - table[:, bottom]).view(len(ks), tasks, rows).div_(spread).mul_(rel)
-
-    # Per group (slot t * B + g): totals by scatter-add, one per quantity.
-    slots = group.add_(torch.arange(tasks, device=logits.device).unsqueeze(1) * rows).reshape(-1)
-    quantities = [pairs, pos_mass, neg_mass, rel.to(torch.float64), *gains.unbind(0)]
-    totals = torch.zeros(len(quantities), tasks * rows, dtype=torch.float64, device=logits.device)
-    for row, quantity in zip(totals, quantities, strict=True):
-        row.index_add_(0, slots, quantity.reshape(-1))
-    totals = totals.view(len(quantities), tasks, rows)
-    pair_mass, p_mass, q_mass, positives = totals[:4]
-    pair_mass -= p_mass * (q_mass.cumsum(1) - q_mass)  # the negatives of the groups before
-
-    both = (p_mass > 0) & (q_mass > 0)
-    group_weight = p_mass + q_mass
-    out[0] = sorted_key[:, -1].bitwise_right_shift(_LOW_BITS) + 1  # the number of groups
-    out[1] = torch.where(both, group_weight * pair_mass / (p_mass * q_mass), 0.0).sum(1)
-    out[2] = torch.where(both, group_weight, 0.0).sum(1)
-    ranked = positives > 0
-    out[3] = ranked.sum(1)
+    # At a run's last entry: its masses and relevant count (zero elsewhere).
+    in_run = _before(sums[:3], run_first)
+    torch.sub(values[:3], in_run, out=in_run).masked_fill_(~run_end, 0.0)
+    run_p, run_q, run_relevant = in_run
+    # The run's positives against the negatives above it in its group (the entries are ordered
+    # highest logit first), its own negatives counting half.
+    group_base = _before(sums[:3], group_first)
+    torch.sub(values[1], group_base[1], out=values[3]).sub_(run_q, alpha=0.5).mul_(run_p)
+    # Summed discounts up to rank r; constant from the largest k on, so ranks are capped there.
+    top = min(rows, max(ks, default=0))
+    table = _discount_table(ks, top, device)  # (K, top + 1)
     if ks:
-        ideal = table.gather(1, positives.to(torch.int64).reshape(1, -1).expand(len(ks), -1))
-        ndcg = totals[4:] / ideal.view(len(ks), tasks, rows)
-        out[4:] = torch.where(ranked, ndcg, 0.0).sum(-1)
+        # Ranks from the group's top; a tied run shares the mean discount of the ranks it spans.
+        last = padded - group_first  # the rank of the run's last entry, less 1
+        before = run_first - group_first  # the ranks above the run
+        share = run_relevant.div_(torch.sub(last, before).add_(1))
+        last.clamp_(max=top - 1)
+        before.clamp_(max=top)
+        for row, discount in zip(values[4:], table, strict=True):  # per cutoff k
+            row.copy_(torch.take(discount[1:], last).sub_(torch.take(discount, before)).mul_(share))
+    values[3:].cumsum_(2)
+
+    # At a group's last entry: the group's sums (its masses, positives, pair terms and DCGs).
+    group_sums = torch.sub(values[:3], group_base, out=group_base)
+    terms = _before(sums[3:], group_first)
+    torch.sub(values[3:], terms, out=terms)
+    p_mass, q_mass, positives = group_sums
+    pair_terms = terms[0]
+    pairs = p_mass * q_mass
+    both = group_end & (p_mass > 0) & (q_mass > 0)
+    group_weight = p_mass + q_mass
+    out[0] = torch.count_nonzero(group_end, 1)
+    # AUC = 1 - (pairs with the negative above) / (P Q), weighted by P + Q.
+    out[1] = torch.where(both, group_weight * (pairs - pair_terms) / pairs, 0.0).sum(1)
+    out[2] = torch.where(both, group_weight, 0.0).sum(1)
+    ranked = group_end & (positives > 0)
+    out[3] = torch.count_nonzero(ranked, 1)
+    if ks:
+        count = positives.to(torch.int64).clamp_(max=top)
+        ideal = torch.stack([torch.take(discount, count) for discount in table])
+        out[4:] = torch.where(ranked, terms[1:] / ideal, 0.0).sum(-1)
     return out
 
 

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from losses import MultiTaskRankingMetrics
+from losses import MultiTaskRankingMetrics, _grouped
 from losses._grouped import dense_rank, group_rows, grouped_sums
 from tests.ranking_reference import group_metrics
 
@@ -210,6 +210,42 @@ def test_functional_grouped_sums_are_the_metric_states():
     metric = MultiTaskRankingMetrics(TASKS, ndcg_k=(2,))
     metric.update(**part)
     torch.testing.assert_close(sums, metric.group_sums, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_per_task_row_sort_equals_the_single_sort(monkeypatch, dtype):
+    """Keys too wide for one int64 (many tasks and rows) fall back to sorting each task's row."""
+    part = grouped_batch(300, 17, dtype=dtype, ties=True)
+    mask, labels, weights = part["mask"], part["labels"].nan_to_num(0.0), part["weights"].to(dtype)
+    inputs = (
+        part["logits"],
+        torch.where(mask, weights * labels, 0.0),
+        torch.where(mask, weights, 0.0),
+        (labels >= 0.5) & mask,
+        mask,
+        part["groups"],
+        KS,
+    )
+    single = grouped_sums(*inputs)
+    # 3 tasks (2 bits) and 300 rows (9 bits) with the logit's 33 need 44 bits: 43 forces the fallback.
+    monkeypatch.setattr(_grouped, "_KEY_BITS", 43)
+    rows = grouped_sums(*inputs)
+    torch.testing.assert_close(rows, single, rtol=1e-12, atol=1e-12)
+    assert single[3].min() > 0  # groups with positives
+    assert single[1].min() > 0  # and with both classes
+
+
+def test_unlabelled_entries_with_the_highest_logits_take_no_rank():
+    logits = torch.tensor([[9.0], [8.0], [1.0], [0.0], [-1.0]])
+    labels = torch.tensor([[1.0], [0.0], [0.0], [1.0], [0.0]])
+    mask = torch.tensor([[False], [False], [True], [True], [True]])
+    metric = MultiTaskRankingMetrics(["t"], auc_bins=16, ndcg_k=(1, 2))
+    metric.update(logits, labels, mask=mask, groups=torch.zeros(5, dtype=torch.int64))
+    results = metric.compute()
+    # Labelled: 1 (neg), 0 (pos), -1 (neg): the positive is ranked 2nd and above one of two negatives.
+    assert results["ndcg@1/t"].item() == 0.0
+    assert results["ndcg@2/t"].item() == pytest.approx(1 / math.log2(3))
+    assert results["gauc/t"].item() == pytest.approx(0.5)
 
 
 def test_copies_pickles_and_state_dict_keep_every_family():
