@@ -478,7 +478,7 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
     ) -> None:
         """The layouts: ``[B, T, C]`` when every task is multi-class, else ``[B, D]`` (``[B, T]`` without classes)."""
         # The constants too: torch.func.functional_call may hand in a replacement that requires grad.
-        constants = (("pos_weight", pos_weight), ("task_weight", task_weight))
+        constants: tuple[tuple[str, torch.Tensor], ...] = (("pos_weight", pos_weight), ("task_weight", task_weight))
         if self._option_names:
             constants += tuple((name, getattr(group, name)) for group, name in self._option_names)
         if self.ranking is not None:

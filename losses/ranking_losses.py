@@ -35,11 +35,11 @@ from functools import partial
 from typing import Literal, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
 from losses import _input_checks as checks
 from losses import _ragged
 from losses._dtypes import compute_dtype
+from losses._pair_losses import pair_loss_sums
 
 RankingKind = Literal["pairwise_logistic", "pairwise_hinge", "softmax", "lambda_ndcg"]
 
@@ -81,20 +81,16 @@ def _ndcg_swap(ragged: Ragged, higher: torch.Tensor, lower: torch.Tensor) -> tor
     return difference[0] * difference[1]
 
 
-def _pair_term(
-    ragged: Ragged,
-    pair_loss: Callable[[torch.Tensor], torch.Tensor],
-    ndcg: bool = False,
-) -> Sums:
+def _pair_term(ragged: Ragged, pair_loss: str, ndcg: bool = False) -> Sums:
     higher, lower = _ragged.pairs(ragged.runs)
-    x, w = ragged.logits, ragged.weights
+    w = ragged.weights
     weight = w.index_select(0, higher) * w.index_select(0, lower)
     if ndcg:
         weight = weight * _ndcg_swap(ragged, higher, lower)
-    losses = pair_loss(x.index_select(0, higher) - x.index_select(0, lower)) * weight
     column = ragged.runs.column
-    pair_column = column if ragged.columns == 1 else column.index_select(0, higher)  # one column: not read
-    return _per_column(ragged, pair_column, losses), _per_column(ragged, column, ragged.runs.lower.to(x.dtype))
+    pair_column = None if ragged.columns == 1 else column.index_select(0, higher)
+    sums = pair_loss_sums(ragged.logits, higher, lower, weight, pair_column, ragged.columns, pair_loss)
+    return sums, _per_column(ragged, column, ragged.runs.lower.to(sums.dtype))
 
 
 def _softmax_term(ragged: Ragged) -> Sums:
@@ -118,10 +114,10 @@ def _softmax_term(ragged: Ragged) -> Sums:
 
 #: The table of ranking kinds: a row maps a batch's sorted runs to per-column sums and counts.
 RANKINGS: dict[str, Callable[[Ragged], Sums]] = {
-    "pairwise_logistic": partial(_pair_term, pair_loss=lambda d: F.softplus(-d)),
-    "pairwise_hinge": partial(_pair_term, pair_loss=lambda d: torch.relu(1 - d)),
+    "pairwise_logistic": partial(_pair_term, pair_loss="logistic"),
+    "pairwise_hinge": partial(_pair_term, pair_loss="hinge"),
     "softmax": _softmax_term,
-    "lambda_ndcg": partial(_pair_term, pair_loss=lambda d: F.softplus(-d), ndcg=True),
+    "lambda_ndcg": partial(_pair_term, pair_loss="logistic", ndcg=True),
 }
 
 
