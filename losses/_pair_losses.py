@@ -27,8 +27,8 @@ class PairLoss(NamedTuple):
 #: ``logistic``: :math:`\log(1 + e^z)`, slope :math:`\sigma(z)`; ``hinge``: :math:`\max(0, 1 + z)`,
 #: slope 1 where :math:`1 + z > 0` (0 at the kink, as ``relu``).
 PAIR_LOSSES: dict[str, PairLoss] = {
-    # softplus is linear past its threshold (z > 20), so its slope there is exactly 1.
-    "logistic": PairLoss(F.softplus, lambda z: torch.where(z > 20, 1.0, torch.sigmoid(z))),
+    # Past softplus's threshold (z > 20) its slope is 1; sigmoid(z) there is within e^-20 of it.
+    "logistic": PairLoss(F.softplus, torch.sigmoid),
     "hinge": PairLoss(lambda z: torch.relu(1 + z), lambda z: (z > -1).to(z.dtype)),
 }
 

@@ -11,7 +11,7 @@ count, which sizes their tensors, is the one value read back from the device.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -28,7 +28,7 @@ class Runs(NamedTuple):
     size: torch.Tensor  #: the run's size
     lower_start: torch.Tensor  #: the first sorted position after this entry's label tie, in its run
     lower: torch.Tensor  #: how many entries of the run have a lower label: this entry's pairs
-    column: torch.Tensor  #: the ranking column (``r``) of the entry
+    column: Optional[torch.Tensor]  #: the ranking column (``r``) of the entry; ``None`` with one column
 
 
 def flat_keys(groups: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -76,14 +76,11 @@ def descending_code(values: torch.Tensor) -> torch.Tensor:
 
 def sort_runs(keys: torch.Tensor, labels: torch.Tensor, batch: int) -> Runs:
     """Sort the entries by key, then by label from high to low (one sort), and describe the runs."""
-    codes = descending_code(labels)
-    order = torch.argsort(keys * 2**32 + codes, stable=True)
-    run = _run_ids(keys.index_select(0, order))
+    packed, order = torch.sort(keys * 2**32 + descending_code(labels), stable=True)
+    run = _run_ids(packed >> 32)
     start, size = _run_bounds(run)
-    sorted_codes = codes.index_select(0, order)
-    tie_new = torch.ones_like(run, dtype=torch.bool)
-    tie_new[1:] = (run[1:] != run[:-1]) | (sorted_codes[1:] != sorted_codes[:-1])
-    tie_start, tie_size = _run_bounds(tie_new.cumsum(0) - 1)
+    # A tie (same key, same label) is a run of equal packed values: one comparison finds both edges.
+    tie_start, tie_size = _run_bounds(_run_ids(packed))
     lower_start = tie_start + tie_size
     return Runs(
         order=order,
@@ -92,7 +89,7 @@ def sort_runs(keys: torch.Tensor, labels: torch.Tensor, batch: int) -> Runs:
         size=size,
         lower_start=lower_start,
         lower=start + size - lower_start,
-        column=torch.div(order, batch, rounding_mode="floor"),
+        column=None if order.numel() == batch else torch.div(order, batch, rounding_mode="floor"),
     )
 
 
@@ -106,9 +103,9 @@ def pairs(runs: Runs) -> tuple[torch.Tensor, torch.Tensor]:
     count = int(runs.lower.sum())
     positions = torch.arange(runs.lower.numel(), device=runs.lower.device)
     higher = torch.repeat_interleave(positions, runs.lower, output_size=count)
-    block_start = runs.lower.cumsum(0) - runs.lower
-    offset = torch.arange(count, device=runs.lower.device) - block_start.index_select(0, higher)
-    return higher, runs.lower_start.index_select(0, higher) + offset
+    # lower_start[i] + p - block_start[i]: the part fixed per block is gathered once per pair.
+    shift = runs.lower_start - runs.lower.cumsum(0) + runs.lower
+    return higher, torch.arange(count, device=runs.lower.device) + shift.index_select(0, higher)
 
 
 def logit_ranks(keys: torch.Tensor, logits: torch.Tensor, runs: Runs) -> torch.Tensor:

@@ -52,7 +52,7 @@ def test_gradcheck(kind, columns):
     )
 
 
-def test_logistic_slope_past_the_softplus_threshold_is_one():
+def test_logistic_slope_past_the_softplus_threshold_is_about_one():
     x = torch.tensor([0.0, 30.0, 30.0], dtype=torch.float64, requires_grad=True)
     higher, lower = torch.tensor([0, 2]), torch.tensor([1, 0])
     pair_loss_sums(x, higher, lower, torch.ones(2, dtype=torch.float64), None, 1, "logistic").sum().backward()
