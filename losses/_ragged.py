@@ -80,8 +80,9 @@ def sort_runs(keys: torch.Tensor, labels: torch.Tensor, batch: int) -> Runs:
     run = _run_ids(packed >> 32)
     start, size = _run_bounds(run)
     # A tie (same key, same label) is a run of equal packed values: one comparison finds both edges.
-    tie_start, tie_size = _run_bounds(_run_ids(packed))
-    lower_start = tie_start + tie_size
+    ties = _run_ids(packed)
+    # Only where each tie ends is needed: the cumulative tie sizes, gathered once.
+    lower_start = torch.zeros_like(ties).index_add_(0, ties, torch.ones_like(ties)).cumsum(0).index_select(0, ties)
     return Runs(
         order=order,
         run=run,
