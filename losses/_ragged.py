@@ -109,9 +109,13 @@ def pairs(runs: Runs) -> tuple[torch.Tensor, torch.Tensor]:
     return higher, torch.arange(count, device=runs.lower.device) + shift.index_select(0, higher)
 
 
-def logit_ranks(keys: torch.Tensor, logits: torch.Tensor, runs: Runs) -> torch.Tensor:
-    """Each sorted entry's 0-based rank by logit (high to low, in float32) inside its run; ties in row order."""
+def logit_ranks(keys: torch.Tensor, logits: torch.Tensor, runs: Runs, positions: torch.Tensor) -> torch.Tensor:
+    """Each sorted entry's 0-based rank by logit (high to low, in float32) inside its run; ties in row order.
+
+    ``positions`` is each sorted entry's position in its run (``arange(N) - runs.start``).
+    """
     order = torch.argsort(keys * 2**32 + descending_code(logits), stable=True)
-    # The same keys, sorted: the runs sit at the same sorted positions as in `runs`.
-    ranks = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device) - runs.start)
+    # The same keys, sorted: the runs sit at the same sorted positions as in `runs`, so the entry at
+    # logit-sorted position k has the rank of position k in its run.
+    ranks = torch.empty_like(order).scatter_(0, order, positions)
     return ranks.index_select(0, runs.order)

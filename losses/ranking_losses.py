@@ -70,9 +70,9 @@ def _ndcg_swap(ragged: Ragged, higher: torch.Tensor, lower: torch.Tensor) -> tor
     """``|delta NDCG|`` of swapping each pair in its group's ranking by logit (detached)."""
     runs, labels = ragged.runs, ragged.labels.detach()
     gains = torch.exp2(labels) - 1
-    positions = (torch.arange(labels.numel(), device=labels.device) - runs.start).to(gains.dtype)  # ideal ranks
-    ideal = torch.zeros_like(gains).index_add_(0, runs.run, gains / torch.log2(positions + 2))
-    ranks = _ragged.logit_ranks(ragged.keys, ragged.flat_logits, runs).to(gains.dtype)
+    positions = torch.arange(labels.numel(), device=labels.device) - runs.start  # the ideal ranks
+    ideal = torch.zeros_like(gains).index_add_(0, runs.run, gains / torch.log2(positions.to(gains.dtype) + 2))
+    ranks = _ragged.logit_ranks(ragged.keys, ragged.flat_logits, runs, positions).to(gains.dtype)
     # The ideal DCG is one per group, so divide the gains by it per row (N values, not P pairs), and
     # gather both row quantities of each pair member at once.
     tiny = torch.finfo(gains.dtype).tiny  # rows of a group with no gain are in no pair
