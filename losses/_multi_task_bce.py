@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from losses import _input_checks as checks
-from losses._dtypes import as_block, as_dtype, compute_dtype
+from losses._dtypes import as_block, as_dtype, compute_dtype, element_inputs
 from losses._fused_bce import MultiTaskBCE
 
 
@@ -229,13 +229,8 @@ def unchecked_multi_task_bce_elements(
     neg_sampling_rate: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """:func:`multi_task_bce_elements` without its argument checks."""
-    dtype = compute_dtype(logits.dtype)
-    x, y = as_dtype(logits, dtype), as_dtype(labels, dtype)
-    w = None if weights is None else as_block(weights, dtype)
-    if mask is not None:
-        x, y = torch.where(mask, x, 0.0), torch.where(mask, y, 0.0)
-        # A zero weight removes the entry's loss and gradient; the replaced inputs keep both finite.
-        w = as_dtype(mask, dtype) if w is None else torch.where(mask, w, 0.0)
+    x, y, w = element_inputs(logits, labels, weights, mask)
+    dtype = x.dtype
     y, w = _binary_targets(y, w, label_smoothing, neg_sampling_rate)
     positive, focal = _focal_factors(as_dtype(pos_weight, dtype), focal_gamma, focal_alpha)
     if focal is None:

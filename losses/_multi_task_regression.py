@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from losses import _input_checks as checks
-from losses._dtypes import as_block, as_dtype, compute_dtype
+from losses._dtypes import element_inputs
 
 
 def multi_task_squared_error(
@@ -50,11 +50,6 @@ def unchecked_multi_task_squared_error(
     mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """:func:`multi_task_squared_error` without its argument checks."""
-    dtype = compute_dtype(logits.dtype)
-    x, y = as_dtype(logits, dtype), as_dtype(labels, dtype)
-    w = None if weights is None else as_block(weights, dtype)
-    if mask is not None:
-        x, y = torch.where(mask, x, 0.0), torch.where(mask, y, 0.0)
-        w = as_dtype(mask, dtype) if w is None else torch.where(mask, w, 0.0)
+    x, y, w = element_inputs(logits, labels, weights, mask)
     losses = (x - y).square().mul(0.5)
     return losses if w is None else losses * w
