@@ -91,3 +91,92 @@ def pair_loss_sums(
         return _per_column(PAIR_LOSSES[kind].value(margin) * weight, column, columns)
     sums: torch.Tensor = PairLossSums.apply(x, higher, lower, weight, column, columns, kind)  # type: ignore[no-untyped-call]
     return sums
+
+
+def _row_weights(high: torch.Tensor, low: torch.Tensor, weighted: bool, swap: bool) -> Optional[torch.Tensor]:
+    """Each pair's weight from its members' sorted rows ``[x, (w), (gain, discount)]``; ``None``: all 1."""
+    weight = high[:, 1] * low[:, 1] if weighted else None
+    if swap:  # |delta NDCG| of swapping the pair: |gain_h - gain_l| |discount_h - discount_l|
+        delta = ((high[:, -2] - low[:, -2]) * (high[:, -1] - low[:, -1])).abs()
+        weight = delta if weight is None else weight * delta
+    return weight
+
+
+def _weighted_sums(
+    values: torch.Tensor, weight: Optional[torch.Tensor], column: Optional[torch.Tensor], columns: int
+) -> torch.Tensor:
+    if column is None and weight is not None:
+        return torch.dot(values, weight).reshape(1)  # one op for the product and the sum
+    return _per_column(values if weight is None else values * weight, column, columns)
+
+
+class SortedPairLossSums(torch.autograd.Function):
+    """``[R]`` sums over pairs of sorted rows of ``weight * f(x[lower] - x[higher])``, weights formed in the pass.
+
+    ``x`` is ``[N]`` in entry order (differentiable); ``rows`` ``[N, K]`` (detached) holds, in sorted
+    order (``rows[i]`` is entry ``order[i]``): ``x`` itself, then the sample weight if ``weighted``,
+    then gain and discount if ``swap`` (lambda_ndcg's ``|delta NDCG|``). Forward gathers the rows of
+    both members of every pair once (two gathers for all ``K`` values) and already sums each entry's
+    gradient; backward only scales it by the incoming gradient of its column.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        rows: torch.Tensor,
+        order: torch.Tensor,
+        higher: torch.Tensor,
+        lower: torch.Tensor,
+        column: Optional[torch.Tensor],
+        columns: int,
+        kind: str,
+        weighted: bool,
+        swap: bool,
+    ) -> torch.Tensor:
+        loss = PAIR_LOSSES[kind]
+        high, low = rows.index_select(0, higher), rows.index_select(0, lower)
+        margin = low[:, 0] - high[:, 0]
+        weight = _row_weights(high, low, weighted, swap)
+        sums = _weighted_sums(loss.value(margin), weight, column, columns)
+        ctx.columns = columns
+        if ctx.needs_input_grad[0]:
+            slope = loss.slope(margin)
+            if weight is not None:
+                slope = slope * weight
+            per_row = slope.new_zeros(x.numel()).index_add_(0, lower, slope).index_add_(0, higher, slope, alpha=-1)
+            ctx.save_for_backward(torch.empty_like(per_row).scatter_(0, order, per_row))  # to entry order
+        return sums
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        (per_entry,) = ctx.saved_tensors
+        # Entries are task-major (e = r B + b): column r's gradient scales a block of B entries.
+        grad_x = (per_entry.view(ctx.columns, -1) * grad.unsqueeze(1)).reshape(-1)
+        return grad_x, None, None, None, None, None, None, None, None, None
+
+
+def sorted_pair_loss_sums(
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    order: torch.Tensor,
+    higher: torch.Tensor,
+    lower: torch.Tensor,
+    column: Optional[torch.Tensor],
+    columns: int,
+    kind: str,
+    weighted: bool,
+    swap: bool,
+) -> torch.Tensor:
+    """:class:`SortedPairLossSums`, or the same math as plain differentiable ops.
+
+    Plain ops run under a ``torch.func`` transform (the fused Function has no vmap rule) and when
+    ``rows`` requires grad (sample weights being learnt), which the fused Function does not give.
+    """
+    if torch._C._are_functorch_transforms_active() or rows.requires_grad:
+        sorted_x = x.index_select(0, order)
+        high, low = rows.index_select(0, higher), rows.index_select(0, lower)
+        margin = sorted_x.index_select(0, lower) - sorted_x.index_select(0, higher)
+        return _weighted_sums(PAIR_LOSSES[kind].value(margin), _row_weights(high, low, weighted, swap), column, columns)
+    sums: torch.Tensor = SortedPairLossSums.apply(x, rows, order, higher, lower, column, columns, kind, weighted, swap)  # type: ignore[no-untyped-call]
+    return sums

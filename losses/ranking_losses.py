@@ -39,19 +39,22 @@ import torch
 from losses import _input_checks as checks
 from losses import _ragged
 from losses._dtypes import compute_dtype
-from losses._pair_losses import pair_loss_sums
+from losses._pair_losses import sorted_pair_loss_sums
 
 RankingKind = Literal["pairwise_logistic", "pairwise_hinge", "softmax", "lambda_ndcg"]
 
 
 class Ragged(NamedTuple):
-    """What a row of :data:`RANKINGS` reads: the entries in sorted order, and their runs."""
+    """What a row of :data:`RANKINGS` reads: the entries (``[N]``, entry order), and their sorted runs.
 
-    logits: torch.Tensor  #: ``[N]`` in sorted order, 0 where left out (differentiable)
-    labels: torch.Tensor  #: ``[N]`` in sorted order, 0 where left out
-    weights: torch.Tensor  #: ``[N]`` in sorted order, 0 where left out
-    keys: torch.Tensor  #: ``[N]`` flat keys (entry order), for a second sort
-    flat_logits: torch.Tensor  #: ``[N]`` in entry order, detached
+    Values at left-out entries are read by no pair: a row that reads them (a list) masks them first.
+    """
+
+    logits: torch.Tensor  #: ``[N]``, differentiable, anything where left out
+    labels: torch.Tensor  #: ``[N]``, 0 where left out
+    weights: Optional[torch.Tensor]  #: ``[N]``, anything where left out; ``None``: all 1
+    keep: torch.Tensor  #: ``[N]`` bool, the entries that take part
+    keys: torch.Tensor  #: ``[N]`` flat keys, for a second sort
     runs: _ragged.Runs
     columns: int
 
@@ -66,45 +69,62 @@ def _per_column(ragged: Ragged, column: Optional[torch.Tensor], values: torch.Te
     return values.new_zeros(ragged.columns).index_add_(0, column, values)
 
 
-def _ndcg_swap(ragged: Ragged, higher: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
-    """``|delta NDCG|`` of swapping each pair in its group's ranking by logit (detached)."""
-    runs, labels = ragged.runs, ragged.labels.detach()
+def _ndcg_rows(ragged: Ragged, labels: torch.Tensor) -> torch.Tensor:
+    """``[N, 2]`` in sorted order: each entry's gain over its group's ideal DCG, and its discount by logit rank.
+
+    The ``|delta NDCG|`` of swapping a pair is ``|gain_h - gain_l| |discount_h - discount_l|``
+    (detached), formed pairwise by :func:`~losses._pair_losses.sorted_pair_loss_sums`.
+    """
+    runs = ragged.runs
     gains = torch.exp2(labels) - 1
-    positions = torch.arange(labels.numel(), device=labels.device) - runs.start  # the ideal ranks
-    ideal = torch.zeros_like(gains).index_add_(0, runs.run, gains / torch.log2(positions.to(gains.dtype) + 2))
-    ranks = _ragged.logit_ranks(ragged.keys, ragged.flat_logits, runs, positions).to(gains.dtype)
-    # The ideal DCG is one per group, so divide the gains by it per row (N values, not P pairs), and
-    # gather both row quantities of each pair member at once.
+    # log2(2 + position in the run): the ideal ranks, the label order of the sort.
+    log_ranks = torch.log2(torch.arange(2, labels.numel() + 2, dtype=gains.dtype, device=gains.device) - runs.start)
+    ideal = torch.zeros_like(gains).index_add_(0, runs.start, gains / log_ranks)
+    # The same keys sorted by logit put every run at the same sorted positions, so the entry at the
+    # k-th position by logit has the discount of position k: the ranks need no gather of their own.
+    _, by_logit = _ragged.sort_by_key_then_descending(ragged.keys, ragged.logits.detach())
+    discounts = torch.empty_like(gains).scatter_(0, by_logit, log_ranks.reciprocal()).index_select(0, runs.order)
     tiny = torch.finfo(gains.dtype).tiny  # rows of a group with no gain are in no pair
-    per_row = torch.stack([gains / ideal.index_select(0, runs.run).clamp_min(tiny), 1 / torch.log2(ranks + 2)])
-    difference = (per_row.index_select(1, higher) - per_row.index_select(1, lower)).abs()
-    return difference[0] * difference[1]
+    return torch.stack([gains / ideal.index_select(0, runs.start).clamp_min(tiny), discounts], 1)
 
 
 def _pair_term(ragged: Ragged, pair_loss: str, ndcg: bool = False) -> Sums:
-    higher, lower = _ragged.pairs(ragged.runs)
-    w = ragged.weights
-    weight = w.index_select(0, higher) * w.index_select(0, lower)
+    runs, x, w = ragged.runs, ragged.logits, ragged.weights
+    higher, lower = _ragged.pairs(runs)
+    # The rows the pairs read, gathered into sorted order at once: logit, weight, (label).
+    per_entry = [x.detach()] + ([] if w is None else [w]) + ([ragged.labels] if ndcg else [])
+    rows = torch.stack(per_entry, 1).index_select(0, runs.order)
     if ndcg:
-        weight = weight * _ndcg_swap(ragged, higher, lower)
-    column = ragged.runs.column
+        rows = torch.cat([rows[:, :-1], _ndcg_rows(ragged, rows[:, -1])], 1)
+    column = runs.column
     pair_column = None if column is None else column.index_select(0, higher)
-    sums = pair_loss_sums(ragged.logits, higher, lower, weight, pair_column, ragged.columns, pair_loss)
-    return sums, _per_column(ragged, column, ragged.runs.lower.to(sums.dtype))
+    sums = sorted_pair_loss_sums(
+        x, rows, runs.order, higher, lower, pair_column, ragged.columns, pair_loss, w is not None, ndcg
+    )
+    if column is None:  # the one column's count is the number of pairs, already read
+        return sums, sums.new_full((1,), higher.numel())
+    return sums, _per_column(ragged, column, runs.higher.to(sums.dtype))
 
 
 def _softmax_term(ragged: Ragged) -> Sums:
-    runs, x, y, w = ragged.runs, ragged.logits, ragged.labels, ragged.weights
-    run, n = runs.run, x.numel()
+    runs, keep = ragged.runs, ragged.keep
+    order, run = runs.order, runs.start
+    # A list reads every entry of its run: left-out entries (runs of one) enter as 0, with no gradient.
+    zero = ragged.logits.new_zeros(())
+    x = torch.where(keep, ragged.logits, zero).index_select(0, order)
+    y = ragged.labels.index_select(0, order)
+    w = keep.to(x.dtype) if ragged.weights is None else torch.where(keep, ragged.weights, zero)
+    w = w.index_select(0, order)
+    n = x.numel()
     peak = x.detach().new_zeros(n).scatter_reduce_(0, run, x.detach(), "amax", include_self=False)
     exp_sum = x.new_zeros(n).index_add(0, run, torch.exp(x - peak.index_select(0, run)))
     label_sum = y.new_zeros(n).index_add_(0, run, y)
     # A list needs a positive label and two different labels: one row, or equal labels, rank nothing.
-    listed = (label_sum > 0) & (runs.lower.new_zeros(n).index_add_(0, run, runs.lower) > 0)
+    listed = (label_sum > 0) & (runs.higher.new_zeros(n).index_add_(0, run, runs.higher) > 0)
     # Ids past the last run hold nothing: keep them out of the log (a 0 there is a NaN gradient).
     log_norm = torch.log(torch.where(listed, exp_sum, 1.0)) + peak
     cross = x.new_zeros(n).index_add(0, run, x * y)
-    mean_weight = w.new_zeros(n).index_add_(0, run, w) / runs.size.new_zeros(n).index_add_(
+    mean_weight = w.new_zeros(n).index_add_(0, run, w) / run.new_zeros(n).index_add_(
         0, run, torch.ones_like(run)
     ).clamp_min(1).to(w.dtype)
     losses = torch.where(listed, (log_norm - cross / torch.where(listed, label_sum, 1.0)) * mean_weight, 0.0)
@@ -139,20 +159,14 @@ def unchecked_ranking_sums(
     keep = torch.ones_like(logits, dtype=torch.bool) if mask is None else mask.to(torch.bool)
     keys = _ragged.flat_keys(groups, keep)
     flat_keep = keep.t().reshape(-1)
-    zero = logits.new_zeros((), dtype=dtype)
-    # Left-out entries may hold anything (NaN included): they enter as 0 and pass no gradient.
-    x = torch.where(flat_keep, logits.t().reshape(-1).to(dtype), zero)
-    y = torch.where(flat_keep, labels.t().reshape(-1).to(dtype), zero)
-    if weights is None:
-        w = flat_keep.to(dtype)
-    else:
+    # Left-out entries may hold anything (NaN included): they sort as label 0, in a run of their own.
+    y = torch.where(flat_keep, labels.t().reshape(-1).to(dtype), logits.new_zeros((), dtype=dtype))
+    w = None
+    if weights is not None:
         block = weights.unsqueeze(1).expand(batch, columns) if weights.ndim == 1 else weights
-        w = torch.where(flat_keep, block.t().reshape(-1).to(dtype), zero)
+        w = block.t().reshape(-1).to(dtype)
     runs = _ragged.sort_runs(keys, y, batch)
-    order = runs.order
-    ragged = Ragged(
-        x.index_select(0, order), y.index_select(0, order), w.index_select(0, order), keys, x.detach(), runs, columns
-    )
+    ragged = Ragged(logits.t().reshape(-1).to(dtype), y, w, flat_keep, keys, runs, columns)
     return RANKINGS[kind](ragged)
 
 
