@@ -35,10 +35,10 @@ class Runs(NamedTuple):
 
 
 def _changes(sorted_values: torch.Tensor) -> torch.Tensor:
-    """``[N]`` bool, true where a sorted value differs from the one before (position 0: false)."""
+    """Bool, true where a sorted value differs from the one before along the last dim (first position: false)."""
     changes = torch.empty_like(sorted_values, dtype=torch.bool)
-    changes[:1] = False
-    torch.ne(sorted_values[1:], sorted_values[:-1], out=changes[1:])
+    changes[..., :1] = False
+    torch.ne(sorted_values[..., 1:], sorted_values[..., :-1], out=changes[..., 1:])
     return changes
 
 
@@ -72,23 +72,30 @@ def descending_code(values: torch.Tensor) -> torch.Tensor:
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
+def _packed(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return torch.add(descending_code(values), keys, alpha=2**32)
+
+
 def sort_by_key_then_descending(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(packed, order)``: one stable sort by key, then by value from high to low (ties in entry order).
 
-    ``packed`` is ``key * 2^32 + descending_code(value)``, sorted: its key is ``(packed + 2^31) >> 32``.
+    ``packed`` is ``key * 2^32 + descending_code(value)``, sorted.
     """
-    packed, order = torch.sort(torch.add(descending_code(values), keys, alpha=2**32), stable=True)
+    packed, order = torch.sort(_packed(keys, values), stable=True)
     return packed, order
 
 
 def sort_runs(keys: torch.Tensor, labels: torch.Tensor, batch: int) -> Runs:
     """Sort the entries by key, then by label from high to low (one sort), and describe the runs."""
-    packed, order = sort_by_key_then_descending(keys, labels)
-    positions = torch.arange(packed.numel(), device=packed.device)
-    # A run starts where the key changes, a tie where the packed value does: the latest start at
-    # or before each position is a running maximum of the marked positions.
-    start = torch.cummax(_changes((packed + 2**31) >> 32) * positions, 0).values
-    tie_start = torch.cummax(_changes(packed) * positions, 0).values
+    n = keys.numel()
+    # Row 0 the key, row 1 the packed (key, label) value of each sorted position, written in place.
+    sorted_keys, order = keys.new_empty((2, n)), keys.new_empty(n)
+    torch.sort(_packed(keys, labels), stable=True, out=(sorted_keys[1], order))
+    torch.index_select(keys, 0, order, out=sorted_keys[0])
+    # A run starts where the key changes, a tie where the packed value does: the latest start at or
+    # before each position is a running maximum of the marked positions (both rows in one scan).
+    marked = _changes(sorted_keys) * torch.arange(n, device=keys.device)
+    start, tie_start = torch.cummax(marked, 1).values.unbind()
     return Runs(
         order=order,
         start=start,

@@ -51,7 +51,7 @@ class Ragged(NamedTuple):
     """
 
     logits: torch.Tensor  #: ``[N]``, differentiable, anything where left out
-    labels: torch.Tensor  #: ``[N]``, 0 where left out
+    labels: torch.Tensor  #: ``[N]``, anything where left out
     weights: Optional[torch.Tensor]  #: ``[N]``, anything where left out; ``None``: all 1
     keep: torch.Tensor  #: ``[N]`` bool, the entries that take part
     keys: torch.Tensor  #: ``[N]`` flat keys, for a second sort
@@ -69,33 +69,34 @@ def _per_column(ragged: Ragged, column: Optional[torch.Tensor], values: torch.Te
     return values.new_zeros(ragged.columns).index_add_(0, column, values)
 
 
-def _ndcg_rows(ragged: Ragged, labels: torch.Tensor) -> torch.Tensor:
-    """``[N, 2]`` in sorted order: each entry's gain over its group's ideal DCG, and its discount by logit rank.
+def _ndcg_discounts(ragged: Ragged) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log2(2 + position in the run)`` by sorted position (the ideal ranks) and each entry's discount by logit rank.
 
-    The ``|delta NDCG|`` of swapping a pair is ``|gain_h - gain_l| |discount_h - discount_l|``
-    (detached), formed pairwise by :func:`~losses._pair_losses.sorted_pair_loss_sums`.
+    The discount is ``1 / log2(2 + rank)``, in entry order, ranks by logit from high to low (ties in row order).
     """
     runs = ragged.runs
-    gains = torch.exp2(labels) - 1
-    # log2(2 + position in the run): the ideal ranks, the label order of the sort.
-    log_ranks = torch.log2(torch.arange(2, labels.numel() + 2, dtype=gains.dtype, device=gains.device) - runs.start)
-    ideal = torch.zeros_like(gains).index_add_(0, runs.start, gains / log_ranks)
+    n, dtype = runs.start.numel(), ragged.logits.dtype
+    log_ranks = torch.log2(torch.arange(2, n + 2, dtype=dtype, device=runs.start.device) - runs.start)
     # The same keys sorted by logit put every run at the same sorted positions, so the entry at the
-    # k-th position by logit has the discount of position k: the ranks need no gather of their own.
+    # k-th position by logit has the discount of position k: no rank needs computing or gathering.
     _, by_logit = _ragged.sort_by_key_then_descending(ragged.keys, ragged.logits.detach())
-    discounts = torch.empty_like(gains).scatter_(0, by_logit, log_ranks.reciprocal()).index_select(0, runs.order)
-    tiny = torch.finfo(gains.dtype).tiny  # rows of a group with no gain are in no pair
-    return torch.stack([gains / ideal.index_select(0, runs.start).clamp_min(tiny), discounts], 1)
+    return log_ranks, torch.empty_like(log_ranks).scatter_(0, by_logit, log_ranks.reciprocal())
 
 
 def _pair_term(ragged: Ragged, pair_loss: str, ndcg: bool = False) -> Sums:
     runs, x, w = ragged.runs, ragged.logits, ragged.weights
     higher, lower = _ragged.pairs(runs)
-    # The rows the pairs read, gathered into sorted order at once: logit, weight, (label).
-    per_entry = [x.detach()] + ([] if w is None else [w]) + ([ragged.labels] if ndcg else [])
-    rows = torch.stack(per_entry, 1).index_select(0, runs.order)
+    # The rows the pairs read, in sorted order, gathered at once: logit, (weight), (label, discount).
+    per_entry = [x.detach()] + ([] if w is None else [w])
     if ndcg:
-        rows = torch.cat([rows[:, :-1], _ndcg_rows(ragged, rows[:, -1])], 1)
+        log_ranks, discounts = _ndcg_discounts(ragged)
+        per_entry += [ragged.labels, discounts]
+    rows = torch.stack(per_entry, 1).index_select(0, runs.order)
+    if ndcg:  # the label becomes its gain over the group's ideal DCG (the |delta NDCG| is formed per pair)
+        gains = torch.exp2(rows[:, -2]) - 1
+        ideal = torch.zeros_like(gains).index_add_(0, runs.start, gains / log_ranks)
+        tiny = torch.finfo(gains.dtype).tiny  # rows of a group with no gain are in no pair
+        torch.div(gains, ideal.index_select(0, runs.start).clamp_min(tiny), out=rows[:, -2])
     column = runs.column
     pair_column = None if column is None else column.index_select(0, higher)
     sums = sorted_pair_loss_sums(
@@ -112,7 +113,7 @@ def _softmax_term(ragged: Ragged) -> Sums:
     # A list reads every entry of its run: left-out entries (runs of one) enter as 0, with no gradient.
     zero = ragged.logits.new_zeros(())
     x = torch.where(keep, ragged.logits, zero).index_select(0, order)
-    y = ragged.labels.index_select(0, order)
+    y = torch.where(keep, ragged.labels, zero).index_select(0, order)
     w = keep.to(x.dtype) if ragged.weights is None else torch.where(keep, ragged.weights, zero)
     w = w.index_select(0, order)
     n = x.numel()
@@ -159,8 +160,8 @@ def unchecked_ranking_sums(
     keep = torch.ones_like(logits, dtype=torch.bool) if mask is None else mask.to(torch.bool)
     keys = _ragged.flat_keys(groups, keep)
     flat_keep = keep.t().reshape(-1)
-    # Left-out entries may hold anything (NaN included): they sort as label 0, in a run of their own.
-    y = torch.where(flat_keep, labels.t().reshape(-1).to(dtype), logits.new_zeros((), dtype=dtype))
+    # Left-out entries may hold anything (NaN included): each is a run of its own, in no pair.
+    y = labels.t().reshape(-1).to(dtype)
     w = None
     if weights is not None:
         block = weights.unsqueeze(1).expand(batch, columns) if weights.ndim == 1 else weights
