@@ -93,13 +93,20 @@ def pair_loss_sums(
     return sums
 
 
-def _row_weights(high: torch.Tensor, low: torch.Tensor, weighted: bool, swap: bool) -> Optional[torch.Tensor]:
-    """Each pair's weight from its members' sorted rows ``[x, (w), (gain, discount)]``; ``None``: all 1."""
-    weight = high[:, 1] * low[:, 1] if weighted else None
-    if swap:  # |delta NDCG| of swapping the pair: |gain_h - gain_l| |discount_h - discount_l|
-        delta = ((high[:, -2] - low[:, -2]) * (high[:, -1] - low[:, -1])).abs()
-        weight = delta if weight is None else weight * delta
-    return weight
+def _row_weights(
+    high: torch.Tensor, low: torch.Tensor, weighted: bool, swap: bool
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Each pair's margin ``x_l - x_h`` and weight from its members' rows ``[x, (gain, discount), (w)]``, ``[K, P]``.
+
+    The weight is ``None`` when it is 1 for every pair.
+    """
+    weight = high[-1] * low[-1] if weighted else None
+    if not swap:
+        return low[0] - high[0], weight
+    difference = low[:3] - high[:3]  # the margin, and the differences of gain and discount, in one op
+    # |delta NDCG| of swapping the pair: |gain_h - gain_l| |discount_h - discount_l|
+    delta = (difference[1] * difference[2]).abs()
+    return difference[0], delta if weight is None else weight * delta
 
 
 def _weighted_sums(
@@ -113,11 +120,12 @@ def _weighted_sums(
 class SortedPairLossSums(torch.autograd.Function):
     """``[R]`` sums over pairs of sorted rows of ``weight * f(x[lower] - x[higher])``, weights formed in the pass.
 
-    ``x`` is ``[N]`` in entry order (differentiable); ``rows`` ``[N, K]`` (detached) holds, in sorted
-    order (``rows[i]`` is entry ``order[i]``): ``x`` itself, then the sample weight if ``weighted``,
-    then gain and discount if ``swap`` (lambda_ndcg's ``|delta NDCG|``). Forward gathers the rows of
-    both members of every pair once (two gathers for all ``K`` values) and already sums each entry's
-    gradient; backward only scales it by the incoming gradient of its column.
+    ``x`` is ``[N]`` in entry order (differentiable); ``rows`` ``[K, N]`` (detached) holds, in sorted
+    order (``rows[:, i]`` is entry ``order[i]``): ``x`` itself, then gain and discount if ``swap``
+    (lambda_ndcg's ``|delta NDCG|``), then the sample weight if ``weighted``. Forward gathers the rows of
+    both members of every pair once (two gathers for all ``K`` values; each row stays contiguous, which
+    the pointwise ops need to be vectorised) and already sums each entry's gradient; backward only
+    scales it by the incoming gradient of its column.
     """
 
     @staticmethod
@@ -135,9 +143,7 @@ class SortedPairLossSums(torch.autograd.Function):
         swap: bool,
     ) -> torch.Tensor:
         loss = PAIR_LOSSES[kind]
-        high, low = rows.index_select(0, higher), rows.index_select(0, lower)
-        margin = low[:, 0] - high[:, 0]
-        weight = _row_weights(high, low, weighted, swap)
+        margin, weight = _row_weights(rows.index_select(1, higher), rows.index_select(1, lower), weighted, swap)
         sums = _weighted_sums(loss.value(margin), weight, column, columns)
         ctx.columns = columns
         if ctx.needs_input_grad[0]:
@@ -175,8 +181,8 @@ def sorted_pair_loss_sums(
     """
     if torch._C._are_functorch_transforms_active() or rows.requires_grad:
         sorted_x = x.index_select(0, order)
-        high, low = rows.index_select(0, higher), rows.index_select(0, lower)
+        _, weight = _row_weights(rows.index_select(1, higher), rows.index_select(1, lower), weighted, swap)
         margin = sorted_x.index_select(0, lower) - sorted_x.index_select(0, higher)
-        return _weighted_sums(PAIR_LOSSES[kind].value(margin), _row_weights(high, low, weighted, swap), column, columns)
+        return _weighted_sums(PAIR_LOSSES[kind].value(margin), weight, column, columns)
     sums: torch.Tensor = SortedPairLossSums.apply(x, rows, order, higher, lower, column, columns, kind, weighted, swap)  # type: ignore[no-untyped-call]
     return sums

@@ -86,17 +86,17 @@ def _ndcg_discounts(ragged: Ragged) -> tuple[torch.Tensor, torch.Tensor]:
 def _pair_term(ragged: Ragged, pair_loss: str, ndcg: bool = False) -> Sums:
     runs, x, w = ragged.runs, ragged.logits, ragged.weights
     higher, lower = _ragged.pairs(runs)
-    # The rows the pairs read, in sorted order, gathered at once: logit, (weight), (label, discount).
-    per_entry = [x.detach()] + ([] if w is None else [w])
+    # The rows the pairs read, in sorted order, gathered at once: logit, (label, discount), (weight).
+    per_entry = [x.detach()]
     if ndcg:
         log_ranks, discounts = _ndcg_discounts(ragged)
         per_entry += [ragged.labels, discounts]
-    rows = torch.stack(per_entry, 1).index_select(0, runs.order)
+    rows = torch.stack(per_entry + ([] if w is None else [w])).index_select(1, runs.order)
     if ndcg:  # the label becomes its gain over the group's ideal DCG (the |delta NDCG| is formed per pair)
-        gains = torch.exp2(rows[:, -2]) - 1
+        gains = torch.exp2(rows[1]) - 1
         ideal = torch.zeros_like(gains).index_add_(0, runs.start, gains / log_ranks)
         tiny = torch.finfo(gains.dtype).tiny  # rows of a group with no gain are in no pair
-        torch.div(gains, ideal.index_select(0, runs.start).clamp_min(tiny), out=rows[:, -2])
+        torch.div(gains, ideal.index_select(0, runs.start).clamp_min(tiny), out=rows[1])
     column = runs.column
     pair_column = None if column is None else column.index_select(0, higher)
     sums = sorted_pair_loss_sums(

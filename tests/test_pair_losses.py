@@ -73,7 +73,7 @@ def test_under_torch_func_the_same_math_runs_as_plain_ops():
 
 
 def _sorted_pairs(columns: int, dtype: torch.dtype, weighted: bool, swap: bool) -> tuple[torch.Tensor, ...]:
-    """``columns`` blocks of 8 entries, a random sort order, pairs inside a block, rows ``[x, (w), (gain, disc)]``."""
+    """``columns`` blocks of 8 entries, a random sort order, pairs inside a block, rows ``[x, (gain, disc), (w)]``."""
     gen = torch.Generator().manual_seed(10 * columns + 2 * weighted + swap)
     n = 8 * columns
     x = (torch.randn(n, generator=gen, dtype=dtype) * 3).requires_grad_()
@@ -85,21 +85,21 @@ def _sorted_pairs(columns: int, dtype: torch.dtype, weighted: bool, swap: bool) 
     column = torch.randint(0, columns, (30,), generator=gen)
     higher, lower = by_column[column, first], by_column[column, second]
     rows = [x.detach().index_select(0, order)]
-    if weighted:
-        rows.append(torch.rand(n, generator=gen, dtype=dtype) + 0.5)
     if swap:
         rows += [torch.rand(n, generator=gen, dtype=dtype), torch.rand(n, generator=gen, dtype=dtype)]
-    return x, torch.stack(rows, 1), order, higher, lower, column
+    if weighted:
+        rows.append(torch.rand(n, generator=gen, dtype=dtype) + 0.5)
+    return x, torch.stack(rows), order, higher, lower, column
 
 
 def _sorted_reference(x, rows, order, higher, lower, column, columns, kind):
     """Plain autograd ops, member by member: the weight is w_h w_l |gain_h - gain_l| |disc_h - disc_l|."""
     sorted_x = x[order]
     weight = torch.ones_like(higher, dtype=x.dtype)
-    if rows.shape[1] in (2, 4):
-        weight = weight * rows[higher, 1] * rows[lower, 1]
-    if rows.shape[1] >= 3:
-        weight = weight * (rows[higher, -2] - rows[lower, -2]).abs() * (rows[higher, -1] - rows[lower, -1]).abs()
+    if len(rows) in (2, 4):
+        weight = weight * rows[-1, higher] * rows[-1, lower]
+    if len(rows) >= 3:
+        weight = weight * (rows[1, higher] - rows[1, lower]).abs() * (rows[2, higher] - rows[2, lower]).abs()
     per_pair = REFERENCE[kind](sorted_x[lower] - sorted_x[higher]) * weight
     return torch.zeros(columns, dtype=x.dtype).index_add(0, column, per_pair)
 
@@ -126,13 +126,13 @@ def test_sorted_rows_values_and_gradients_match_autograd(kind, columns, weighted
 def test_sorted_rows_gradcheck(kind, columns):
     x, rows, order, higher, lower, column = _sorted_pairs(columns, torch.float64, True, True)
     if kind == "hinge":  # keep margins off the kink, where the derivative is one-sided
-        keep = (rows[lower, 0] - rows[higher, 0] + 1).abs() > 1e-3
+        keep = (rows[0, lower] - rows[0, higher] + 1).abs() > 1e-3
         higher, lower, column = higher[keep], lower[keep], column[keep]
     col = None if columns == 1 else column
 
     def sums(z: torch.Tensor) -> torch.Tensor:
         # The rows hold the sorted logits as values: gradcheck's perturbed inputs must reach them too.
-        moved = torch.cat([z.detach()[order].unsqueeze(1), rows[:, 1:]], 1)
+        moved = torch.cat([z.detach()[order].unsqueeze(0), rows[1:]])
         return SortedPairLossSums.apply(z, moved, order, higher, lower, col, columns, kind, True, True)
 
     assert torch.autograd.gradcheck(sums, (x,))
@@ -147,7 +147,7 @@ def test_sorted_rows_learnt_weights_run_as_plain_ops_with_their_gradient():
     grads = torch.autograd.grad(got.sum(), (x, rows))
     expected_grads = torch.autograd.grad(expected.sum(), (x, rows))
     torch.testing.assert_close(grads, expected_grads)
-    assert grads[1][:, 1].abs().sum() > 0
+    assert grads[1][-1].abs().sum() > 0
 
 
 def test_sorted_rows_under_torch_func_run_as_plain_ops():
