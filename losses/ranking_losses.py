@@ -39,6 +39,7 @@ import torch
 from losses import _input_checks as checks
 from losses import _ragged
 from losses._dtypes import compute_dtype
+from losses._list_losses import SoftmaxListSums
 from losses._pair_losses import sorted_pair_loss_sums
 
 RankingKind = Literal["pairwise_logistic", "pairwise_hinge", "softmax", "lambda_ndcg"]
@@ -108,6 +109,29 @@ def _pair_term(ragged: Ragged, pair_loss: str, ndcg: bool = False) -> Sums:
 
 
 def _softmax_term(ragged: Ragged) -> Sums:
+    runs, x, w = ragged.runs, ragged.logits, ragged.weights
+    rows = torch.stack([x.detach(), ragged.labels] + ([] if w is None else [w]))
+    if torch._C._are_functorch_transforms_active() or rows.requires_grad:
+        # torch.func needs a vmap rule, and learnt weights or labels a gradient, which the fused Function lacks.
+        return _softmax_plain(ragged)
+    run_column = None
+    if runs.column is not None:
+        run_column = torch.zeros_like(runs.start).scatter_(0, runs.start, runs.column)
+    sums: Sums = SoftmaxListSums.apply(  # type: ignore[no-untyped-call]
+        x,
+        rows.index_select(1, runs.order),
+        runs.order,
+        runs.start,
+        runs.higher,
+        run_column,
+        ragged.columns,
+        w is not None,
+    )
+    return sums
+
+
+def _softmax_plain(ragged: Ragged) -> Sums:
+    """The softmax term as plain differentiable ops: the same math as :class:`~losses._list_losses.SoftmaxListSums`."""
     runs, keep = ragged.runs, ragged.keep
     order, run = runs.order, runs.start
     # A list reads every entry of its run: left-out entries (runs of one) enter as 0, with no gradient.
@@ -155,6 +179,17 @@ def unchecked_ranking_sums(
     ``weights`` is ``[B, R]``, ``[B]`` or ``None``; ``mask`` is ``[B, R]`` or ``None``. Computed in
     float32 for half precision, else in the logits' dtype.
     """
+    return RANKINGS[kind](ragged_entries(logits, labels, groups, weights, mask))
+
+
+def ragged_entries(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    groups: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+) -> Ragged:
+    """The ``[B, R]`` columns as flat entries and their sorted runs: what a row of :data:`RANKINGS` reads."""
     batch, columns = logits.shape
     dtype = compute_dtype(logits.dtype)
     keep = torch.ones_like(logits, dtype=torch.bool) if mask is None else mask.to(torch.bool)
@@ -167,8 +202,7 @@ def unchecked_ranking_sums(
         block = weights.unsqueeze(1).expand(batch, columns) if weights.ndim == 1 else weights
         w = block.t().reshape(-1).to(dtype)
     runs = _ragged.sort_runs(keys, y, batch)
-    ragged = Ragged(logits.t().reshape(-1).to(dtype), y, w, flat_keep, keys, runs, columns)
-    return RANKINGS[kind](ragged)
+    return Ragged(logits.t().reshape(-1).to(dtype), y, w, flat_keep, keys, runs, columns)
 
 
 def ranking_loss(
