@@ -18,18 +18,21 @@ import torch.nn.functional as F
 
 
 class PairLoss(NamedTuple):
-    """A pair loss ``f`` of the margin ``z`` and its derivative ``f'`` (elementwise)."""
+    """A pair loss ``f`` of the margin ``z``, its derivative ``f'``, and ``w f'(z)`` in as few ops as it takes."""
 
     value: Callable[[torch.Tensor], torch.Tensor]
     slope: Callable[[torch.Tensor], torch.Tensor]
+    weighted_slope: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 #: ``logistic``: :math:`\log(1 + e^z)`, slope :math:`\sigma(z)`; ``hinge``: :math:`\max(0, 1 + z)`,
 #: slope 1 where :math:`1 + z > 0` (0 at the kink, as ``relu``).
 PAIR_LOSSES: dict[str, PairLoss] = {
     # Past softplus's threshold (z > 20) its slope is 1; sigmoid(z) there is within e^-20 of it.
-    "logistic": PairLoss(F.softplus, torch.sigmoid),
-    "hinge": PairLoss(lambda z: torch.relu(1 + z), lambda z: (z > -1).to(z.dtype)),
+    "logistic": PairLoss(F.softplus, torch.sigmoid, lambda z, w: torch.sigmoid(z) * w),
+    "hinge": PairLoss(
+        lambda z: torch.relu(1 + z), lambda z: (z > -1).to(z.dtype), lambda z, w: torch.where(z > -1, w, 0.0)
+    ),
 }
 
 
@@ -147,9 +150,7 @@ class SortedPairLossSums(torch.autograd.Function):
         sums = _weighted_sums(loss.value(margin), weight, column, columns)
         ctx.columns = columns
         if ctx.needs_input_grad[0]:
-            slope = loss.slope(margin)
-            if weight is not None:
-                slope = slope * weight
+            slope = loss.slope(margin) if weight is None else loss.weighted_slope(margin, weight)
             per_row = slope.new_zeros(x.numel()).index_add_(0, lower, slope).index_add_(0, higher, slope, alpha=-1)
             ctx.save_for_backward(torch.empty_like(per_row).scatter_(0, order, per_row))  # to entry order
         return sums

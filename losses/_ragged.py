@@ -34,10 +34,10 @@ class Runs(NamedTuple):
     column: Optional[torch.Tensor]  #: the ranking column (``r``) of the entry; ``None`` with one column
 
 
-def _changes(sorted_values: torch.Tensor) -> torch.Tensor:
-    """Bool, true where a sorted value differs from the one before along the last dim (first position: false)."""
+def _changes(sorted_values: torch.Tensor, first: bool = False) -> torch.Tensor:
+    """Bool, true where a sorted value differs from the one before along the last dim (first position: ``first``)."""
     changes = torch.empty_like(sorted_values, dtype=torch.bool)
-    changes[..., :1] = False
+    changes[..., :1] = first
     torch.ne(sorted_values[..., 1:], sorted_values[..., :-1], out=changes[..., 1:])
     return changes
 
@@ -92,10 +92,11 @@ def sort_runs(keys: torch.Tensor, labels: torch.Tensor, batch: int) -> Runs:
     sorted_keys, order = keys.new_empty((2, n)), keys.new_empty(n)
     torch.sort(_packed(keys, labels), stable=True, out=(sorted_keys[1], order))
     torch.index_select(keys, 0, order, out=sorted_keys[0])
-    # A run starts where the key changes, a tie where the packed value does: the latest start at or
-    # before each position is a running maximum of the marked positions (both rows in one scan).
-    marked = _changes(sorted_keys) * torch.arange(n, device=keys.device)
-    start, tie_start = torch.cummax(marked, 1).values.unbind()
+    # A run starts where the key changes, a tie where the packed value does (and both at position 0).
+    # The latest start at or before each position is where the running maximum of the marks was last
+    # reached: cummax gives the last index of equal maxima (its kernels compare with >=; the pair
+    # tests would fail otherwise), so both rows need one scan and no marked positions.
+    start, tie_start = torch.cummax(_changes(sorted_keys, first=True), 1).indices.unbind()
     return Runs(
         order=order,
         start=start,
