@@ -42,21 +42,42 @@ def _changes(sorted_values: torch.Tensor, first: bool = False) -> torch.Tensor:
     return changes
 
 
+#: Keys stay below 2^31, so ``key * 2^32`` plus a 32-bit code fits in an int64.
+_KEYS = 2**31
+
+
+def _group_ids(groups: torch.Tensor, columns: int) -> tuple[torch.Tensor, int]:
+    """``(ids, span)``: ids in ``[0, span)`` in the order of the group ids, equal for equal groups.
+
+    On the CPU, reading the ids' range costs no device sync: ids spanning few enough values (keys
+    ``r span + id`` and one per entry above them stay below ``2^31``) are used as they are, minus
+    the smallest, with no sort. Otherwise (other devices, or ids spread wide, such as hashes) dense
+    ids come from one sort of the ids (no ``unique``, whose size is data-dependent).
+    """
+    batch = groups.numel()
+    if groups.device.type == "cpu" and batch > 0:
+        low, high = (int(v) for v in torch.aminmax(groups))
+        span = high - low + 1
+        if columns * (span + batch) <= _KEYS:
+            return groups - low, span
+    sorted_ids, by_id = torch.sort(groups, stable=True)
+    return torch.empty_like(by_id).scatter_(0, by_id, _changes(sorted_ids).cumsum(0)), batch
+
+
 def flat_keys(groups: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The ``[R B]`` keys of the task-major entries: ``r B + g`` with ``g`` the dense group id, or a key of its own.
+    """The ``[R B]`` keys of the task-major entries: ``r S + g``, ``g`` a group id below ``S``, or a key of its own.
 
     ``groups`` is ``[B]`` of any integer ids in any order; ``keep`` is the ``[B, R]`` bool of the
-    entries that take part. Dense ids come from one sort of the ids (no ``unique``, whose size is
-    data-dependent).
+    entries that take part. Keys are ordered by (column, group id) and stay below ``2^31``.
     """
     batch, columns = keep.shape
-    sorted_ids, by_id = torch.sort(groups, stable=True)
-    dense = torch.empty_like(by_id).scatter_(0, by_id, _changes(sorted_ids).cumsum(0))
-    grouped = dense.unsqueeze(0)
-    if columns > 1:  # r B + g
-        grouped = grouped + torch.arange(0, columns * batch, batch, device=groups.device).unsqueeze(1)
+    ids, span = _group_ids(groups, columns)
+    grouped = ids.unsqueeze(0)
+    if columns > 1:  # r S + g
+        grouped = grouped + torch.arange(0, columns * span, span, device=groups.device).unsqueeze(1)
     # An entry left out: a key above every grouped one, distinct for each entry.
-    alone = torch.arange(columns * batch, 2 * columns * batch, device=groups.device).view(columns, batch)
+    first = columns * span
+    alone = torch.arange(first, first + columns * batch, device=groups.device).view(columns, batch)
     return torch.where(keep.t(), grouped, alone).reshape(-1)
 
 
