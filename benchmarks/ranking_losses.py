@@ -96,7 +96,7 @@ def bench_ranking_losses(rounds: int = 9) -> dict[str, Any]:
     steps = _steps(even)
     threads = torch.get_num_threads()
     measured = {"cpu": cpu_medians(steps, rounds), "wall": interleaved_medians(steps, rounds), "memory": memory}
-    # Again on one intra-op thread: the ranking term is some 60 small ops on [B] tensors, and with
+    # Again on one intra-op thread: the ranking term is some 40 to 60 small ops on [B] and [P] tensors, and with
     # several threads on a shared machine each op's threads wait for one another, which CPU time
     # counts (spinning); one thread measures the work itself. Both are shown; the target is on the
     # default threads, where the spinning is part of what a training step pays.
@@ -136,7 +136,7 @@ def render_ranking_losses(measured: dict[str, Any]) -> str:
         "backward, with the first task's ranking term (positive rate about 30%) against the same module",
         f"without it ({wall['none'] * 1e3:.1f} ms wall, {cpu['none'] * 1e3:.1f} ms CPU). Medians over interleaved",
         f"rounds, on {measured['threads']} intra-op threads and on one; the target is <= {TARGET:g}x in CPU",
-        f"time on {measured['threads']} threads (the term is some 50 small ops on `[B]` tensors: with several",
+        f"time on {measured['threads']} threads (the term is some 40 to 60 small ops on `[B]` tensors: with several",
         "threads each op's threads wait for one another, and CPU time counts the spinning; one thread",
         "measures the work alone).",
         "Memory: peak bytes allocated by one call beyond",
