@@ -4,14 +4,19 @@ The entries of ``R`` ranking columns over ``B`` rows are flattened task-major (e
 and keyed by ``(column, group)``: a group of one column is one run of consecutive positions after a
 sort, whatever the group ids are and however the rows are ordered. An entry the mask leaves out gets
 a key of its own, so it is a run of one: in no pair, and its label is 0, so in no list. Runs are
-described by per-position tensors of size ``N = R B`` (a run's id is below ``N``), never by a
-``[groups, largest group]`` padding; the pairs of all runs are built by index arithmetic, and their
-count, which sizes their tensors, is the one value read back from the device.
+described by per-position tensors of size ``N = R B`` (a run is named by its first sorted position,
+below ``N``), never by a ``[groups, largest group]`` padding; the pairs of all runs are built by
+index arithmetic, and their count, which sizes their tensors, is the one value read back from the
+device.
+
+Every op here on ``N`` or more elements costs a parallel region on several intra-op threads, whose
+waiting the CPU time of a training step pays, so the edges of runs and ties come from running maxima
+(``cummax``, a serial scan) of marked positions rather than from sizes summed and gathered back.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -23,97 +28,114 @@ class Runs(NamedTuple):
     """
 
     order: torch.Tensor  #: the flat entry at each sorted position
-    run: torch.Tensor  #: the run (group of one column) id, dense in ``[0, runs)``
-    start: torch.Tensor  #: the run's first sorted position
-    size: torch.Tensor  #: the run's size
-    lower_start: torch.Tensor  #: the first sorted position after this entry's label tie, in its run
-    lower: torch.Tensor  #: how many entries of the run have a lower label: this entry's pairs
-    column: torch.Tensor  #: the ranking column (``r``) of the entry
+    start: torch.Tensor  #: the run's first sorted position, which also names the run (an id below ``N``)
+    tie_start: torch.Tensor  #: the first sorted position of this entry's label tie, in its run
+    higher: torch.Tensor  #: how many entries of the run have a higher label: this entry's pairs
+    column: Optional[torch.Tensor]  #: the ranking column (``r``) of the entry; ``None`` with one column
+
+
+def _changes(sorted_values: torch.Tensor, first: bool = False) -> torch.Tensor:
+    """Bool, true where a sorted value differs from the one before along the last dim (first position: ``first``)."""
+    changes = torch.empty_like(sorted_values, dtype=torch.bool)
+    changes[..., :1] = first
+    torch.ne(sorted_values[..., 1:], sorted_values[..., :-1], out=changes[..., 1:])
+    return changes
+
+
+#: Keys stay below 2^31, so ``key * 2^32`` plus a 32-bit code fits in an int64.
+_KEYS = 2**31
+
+
+def _group_ids(groups: torch.Tensor, columns: int) -> tuple[torch.Tensor, int]:
+    """``(ids, span)``: ids in ``[0, span)`` in the order of the group ids, equal for equal groups.
+
+    On the CPU, reading the ids' range costs no device sync: ids spanning few enough values (keys
+    ``r span + id`` and one per entry above them stay below ``2^31``) are used as they are, minus
+    the smallest, with no sort. Otherwise (other devices, or ids spread wide, such as hashes) dense
+    ids come from one sort of the ids (no ``unique``, whose size is data-dependent).
+    """
+    batch = groups.numel()
+    if groups.device.type == "cpu" and batch > 0:
+        low, high = (int(v) for v in torch.aminmax(groups))
+        span = high - low + 1
+        if columns * (span + batch) <= _KEYS:
+            return groups - low, span
+    sorted_ids, by_id = torch.sort(groups, stable=True)
+    return torch.empty_like(by_id).scatter_(0, by_id, _changes(sorted_ids).cumsum(0)), batch
 
 
 def flat_keys(groups: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The ``[R B]`` keys of the task-major entries: ``r B + g`` with ``g`` the dense group id, or a key of its own.
+    """The ``[R B]`` keys of the task-major entries: ``r S + g``, ``g`` a group id below ``S``, or a key of its own.
 
     ``groups`` is ``[B]`` of any integer ids in any order; ``keep`` is the ``[B, R]`` bool of the
-    entries that take part. Dense ids come from one sort of the ids (no ``unique``, whose size is
-    data-dependent).
+    entries that take part. Keys are ordered by (column, group id) and stay below ``2^31``.
     """
     batch, columns = keep.shape
-    sorted_ids, by_id = torch.sort(groups, stable=True)
-    new = torch.ones_like(sorted_ids, dtype=torch.bool)
-    new[1:] = sorted_ids[1:] != sorted_ids[:-1]
-    dense = torch.empty_like(by_id).scatter_(0, by_id, new.cumsum(0) - 1)
-    entries = torch.arange(columns * batch, device=groups.device).view(columns, batch)
-    grouped = dense.unsqueeze(0) + entries[:, :1]  # r B + g
+    ids, span = _group_ids(groups, columns)
+    grouped = ids.unsqueeze(0)
+    if columns > 1:  # r S + g
+        grouped = grouped + torch.arange(0, columns * span, span, device=groups.device).unsqueeze(1)
     # An entry left out: a key above every grouped one, distinct for each entry.
-    return torch.where(keep.t(), grouped, entries + columns * batch).reshape(-1)
-
-
-def _run_ids(sorted_keys: torch.Tensor) -> torch.Tensor:
-    new = torch.ones_like(sorted_keys, dtype=torch.bool)
-    new[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    return new.cumsum(0) - 1
-
-
-def _run_bounds(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For ids dense and non-decreasing over sorted positions: each position's run start and size."""
-    sizes = torch.zeros_like(ids).index_add_(0, ids, torch.ones_like(ids))
-    starts = sizes.cumsum(0) - sizes
-    return starts.index_select(0, ids), sizes.index_select(0, ids)
+    first = columns * span
+    alone = torch.arange(first, first + columns * batch, device=groups.device).view(columns, batch)
+    return torch.where(keep.t(), grouped, alone).reshape(-1)
 
 
 def descending_code(values: torch.Tensor) -> torch.Tensor:
-    """An int64 in ``[0, 2^32)`` per value, smaller for a larger value: its float32 bits, order-preserving.
+    """An int32 per value in ``[-2^31, 2^31)``, smaller for a larger value: the bits of its negation as float32.
 
-    Packed under a key (``key * 2^32 + code``) it makes one integer sort do the work of two stable
-    sorts (by value, then by key). Values are compared in float32: labels or logits closer than
-    float32 tells apart are ties.
+    Added under a key (``key * 2^32 + code``) it makes one integer sort do the work of two stable
+    sorts (by value, then by key). Values are compared in float32: values closer than float32 tells
+    apart are ties, and so are -0.0 and 0.0.
     """
-    bits = (values.to(torch.float32) + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 becomes 0.0
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # signed order is now the floats' order
-    return (2**31 - 1) - ordered
+    bits = (0.0 - values.to(torch.float32)).view(torch.int32)  # 0.0 - v: -v, with 0.0 for both zeros
+    # A negative float's bits order it backwards: flip all but the sign bit.
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _packed(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return torch.add(descending_code(values), keys, alpha=2**32)
+
+
+def sort_by_key_then_descending(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed, order)``: one stable sort by key, then by value from high to low (ties in entry order).
+
+    ``packed`` is ``key * 2^32 + descending_code(value)``, sorted.
+    """
+    packed, order = torch.sort(_packed(keys, values), stable=True)
+    return packed, order
 
 
 def sort_runs(keys: torch.Tensor, labels: torch.Tensor, batch: int) -> Runs:
     """Sort the entries by key, then by label from high to low (one sort), and describe the runs."""
-    codes = descending_code(labels)
-    order = torch.argsort(keys * 2**32 + codes, stable=True)
-    run = _run_ids(keys.index_select(0, order))
-    start, size = _run_bounds(run)
-    sorted_codes = codes.index_select(0, order)
-    tie_new = torch.ones_like(run, dtype=torch.bool)
-    tie_new[1:] = (run[1:] != run[:-1]) | (sorted_codes[1:] != sorted_codes[:-1])
-    tie_start, tie_size = _run_bounds(tie_new.cumsum(0) - 1)
-    lower_start = tie_start + tie_size
+    n = keys.numel()
+    # Row 0 the key, row 1 the packed (key, label) value of each sorted position, written in place.
+    sorted_keys, order = keys.new_empty((2, n)), keys.new_empty(n)
+    torch.sort(_packed(keys, labels), stable=True, out=(sorted_keys[1], order))
+    torch.index_select(keys, 0, order, out=sorted_keys[0])
+    # A run starts where the key changes, a tie where the packed value does (and both at position 0).
+    # The latest start at or before each position is where the running maximum of the marks was last
+    # reached: cummax gives the last index of equal maxima (its kernels compare with >=; the pair
+    # tests would fail otherwise), so both rows need one scan and no marked positions.
+    start, tie_start = torch.cummax(_changes(sorted_keys, first=True), 1).indices.unbind()
     return Runs(
         order=order,
-        run=run,
         start=start,
-        size=size,
-        lower_start=lower_start,
-        lower=start + size - lower_start,
-        column=torch.div(order, batch, rounding_mode="floor"),
+        tie_start=tie_start,
+        higher=tie_start - start,
+        column=None if order.numel() == batch else torch.div(order, batch, rounding_mode="floor"),
     )
 
 
 def pairs(runs: Runs) -> tuple[torch.Tensor, torch.Tensor]:
     """Every pair (higher label, lower label) inside a run, as two ``[P]`` tensors of sorted positions.
 
-    The entry at sorted position ``i`` pairs with the ``lower[i]`` entries after its label tie:
-    pair ``p`` of ``i``'s block is ``(i, lower_start[i] + p - block_start[i])``. Memory is
+    The entry at sorted position ``i`` pairs with the ``higher[i]`` entries of its run before its
+    label tie: pair ``p`` of ``i``'s block is ``(start[i] + p - block_start[i], i)``. Memory is
     ``O(P)``; ``P`` is read from the device once, because it sizes the tensors.
     """
-    count = int(runs.lower.sum())
-    positions = torch.arange(runs.lower.numel(), device=runs.lower.device)
-    higher = torch.repeat_interleave(positions, runs.lower, output_size=count)
-    block_start = runs.lower.cumsum(0) - runs.lower
-    offset = torch.arange(count, device=runs.lower.device) - block_start.index_select(0, higher)
-    return higher, runs.lower_start.index_select(0, higher) + offset
-
-
-def logit_ranks(keys: torch.Tensor, logits: torch.Tensor, runs: Runs) -> torch.Tensor:
-    """Each sorted entry's 0-based rank by logit (high to low, in float32) inside its run; ties in row order."""
-    order = torch.argsort(keys * 2**32 + descending_code(logits), stable=True)
-    # The same keys, sorted: the runs sit at the same sorted positions as in `runs`.
-    ranks = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device) - runs.start)
-    return ranks.index_select(0, runs.order)
+    count = int(runs.higher.sum())
+    lower = torch.repeat_interleave(runs.higher, output_size=count)
+    # start[i] - block_start[i] = tie_start[i] - block_end[i]: the part fixed per block, gathered once per pair.
+    shift = runs.tie_start - runs.higher.cumsum(0)
+    return torch.arange(count, device=lower.device) + shift.index_select(0, lower), lower

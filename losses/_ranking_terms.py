@@ -44,6 +44,10 @@ class RankingTerms(nn.Module):
         #: The Tasks' ranking weights as given: the buffer holds them in float64 under any dtype cast.
         self._weights = tuple(specs[t].ranking_weight for t in ranked)  # type: ignore[union-attr]
         self.register_buffer("ranking_weight", torch.tensor(self._weights, dtype=torch.float64), persistent=False)
+        logit_columns = [logit_starts[t] for t in ranked]
+        #: ``(first task, first logit column)`` when both run consecutively (one ranked task, say): the
+        #: columns are then views (``narrow``), whose gradient costs a fill and a copy, not a scatter.
+        self._spans = (ranked[0], logit_columns[0]) if _consecutive(ranked) and _consecutive(logit_columns) else None
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> RankingTerms:
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]
@@ -84,12 +88,7 @@ class RankingTerms(nn.Module):
         if logits.device.type == "meta":  # shape inference: the pair count has no value to read
             empty = logits.new_zeros(len(self.names), dtype=functional.compute_dtype(logits.dtype))
             return empty, empty
-        positions = v.on_device_of("positions", self.positions, logits)
-        x = logits.index_select(1, v.on_device_of("logit_columns", self.logit_columns, logits))
-        y = labels.index_select(1, positions)
-        # Weights [B] are shared by every task; [B, T] give each task its column.
-        w = weights if weights is None or weights.ndim == 1 else weights.index_select(1, positions)
-        m = None if mask is None else mask.index_select(1, positions)
+        x, y, w, m = self._columns(logits, labels, weights, mask)
         if len(self.kinds) == 1:
             return unchecked_ranking_sums(x, y, groups, w, m, self.kinds[0][0])
         parts, start = [], 0
@@ -107,6 +106,36 @@ class RankingTerms(nn.Module):
             )
             start += count
         return torch.cat([s for s, _ in parts]), torch.cat([c for _, c in parts])
+
+    def _columns(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        weights: Optional[torch.Tensor],
+        mask: Optional[torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The ranked tasks' columns of logits, labels, weights and mask, ``[B, R]`` each."""
+        # Weights [B] are shared by every task; [B, T] give each task its column.
+        shared = weights is None or weights.ndim == 1
+        if self._spans is not None:
+            task, column, count = *self._spans, len(self.names)
+            return (
+                logits.narrow(1, column, count),
+                labels.narrow(1, task, count),
+                weights if shared else weights.narrow(1, task, count),  # type: ignore[union-attr]
+                None if mask is None else mask.narrow(1, task, count),
+            )
+        positions = v.on_device_of("positions", self.positions, logits)
+        return (
+            logits.index_select(1, v.on_device_of("logit_columns", self.logit_columns, logits)),
+            labels.index_select(1, positions),
+            weights if shared else weights.index_select(1, positions),  # type: ignore[union-attr]
+            None if mask is None else mask.index_select(1, positions),
+        )
+
+
+def _consecutive(indices: Sequence[int]) -> bool:
+    return list(indices) == list(range(indices[0], indices[0] + len(indices)))
 
 
 _sums_outside_graph = torch.compiler.disable(RankingTerms._sums)  # type: ignore[no-untyped-call]

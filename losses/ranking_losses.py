@@ -35,23 +35,27 @@ from functools import partial
 from typing import Literal, NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
 from losses import _input_checks as checks
 from losses import _ragged
 from losses._dtypes import compute_dtype
+from losses._list_losses import SoftmaxListSums
+from losses._pair_losses import sorted_pair_loss_sums
 
 RankingKind = Literal["pairwise_logistic", "pairwise_hinge", "softmax", "lambda_ndcg"]
 
 
 class Ragged(NamedTuple):
-    """What a row of :data:`RANKINGS` reads: the entries in sorted order, and their runs."""
+    """What a row of :data:`RANKINGS` reads: the entries (``[N]``, entry order), and their sorted runs.
 
-    logits: torch.Tensor  #: ``[N]`` in sorted order, 0 where left out (differentiable)
-    labels: torch.Tensor  #: ``[N]`` in sorted order, 0 where left out
-    weights: torch.Tensor  #: ``[N]`` in sorted order, 0 where left out
-    keys: torch.Tensor  #: ``[N]`` flat keys (entry order), for a second sort
-    flat_logits: torch.Tensor  #: ``[N]`` in entry order, detached
+    Values at left-out entries are read by no pair: a row that reads them (a list) masks them first.
+    """
+
+    logits: torch.Tensor  #: ``[N]``, differentiable, anything where left out
+    labels: torch.Tensor  #: ``[N]``, anything where left out
+    weights: Optional[torch.Tensor]  #: ``[N]``, anything where left out; ``None``: all 1
+    keep: torch.Tensor  #: ``[N]`` bool, the entries that take part
+    keys: torch.Tensor  #: ``[N]`` flat keys, for a second sort
     runs: _ragged.Runs
     columns: int
 
@@ -60,68 +64,105 @@ class Ragged(NamedTuple):
 Sums = tuple[torch.Tensor, torch.Tensor]
 
 
-def _per_column(ragged: Ragged, column: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    if ragged.columns == 1:  # one column (the common case): a plain sum is several times faster
+def _per_column(ragged: Ragged, column: Optional[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
+    if column is None:  # one column (the common case): a plain sum is several times faster
         return values.sum().reshape(1)
     return values.new_zeros(ragged.columns).index_add_(0, column, values)
 
 
-def _ndcg_swap(ragged: Ragged, higher: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
-    """``|delta NDCG|`` of swapping each pair in its group's ranking by logit (detached)."""
-    runs, labels = ragged.runs, ragged.labels.detach()
-    gains = torch.exp2(labels) - 1
-    positions = (torch.arange(labels.numel(), device=labels.device) - runs.start).to(gains.dtype)  # ideal ranks
-    ideal = torch.zeros_like(gains).index_add_(0, runs.run, gains / torch.log2(positions + 2))
-    ranks = _ragged.logit_ranks(ragged.keys, ragged.flat_logits, runs).to(gains.dtype)
-    # The ideal DCG is one per group, so divide the gains by it per row (N values, not P pairs), and
-    # gather both row quantities of each pair member at once.
-    tiny = torch.finfo(gains.dtype).tiny  # rows of a group with no gain are in no pair
-    per_row = torch.stack([gains / ideal.index_select(0, runs.run).clamp_min(tiny), 1 / torch.log2(ranks + 2)])
-    difference = (per_row.index_select(1, higher) - per_row.index_select(1, lower)).abs()
-    return difference[0] * difference[1]
+def _ndcg_discounts(ragged: Ragged) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log2(2 + position in the run)`` by sorted position (the ideal ranks) and each entry's discount by logit rank.
+
+    The discount is ``1 / log2(2 + rank)``, in entry order, ranks by logit from high to low (ties in row order).
+    """
+    runs = ragged.runs
+    n, dtype = runs.start.numel(), ragged.logits.dtype
+    log_ranks = torch.log2(torch.arange(2, n + 2, dtype=dtype, device=runs.start.device) - runs.start)
+    # The same keys sorted by logit put every run at the same sorted positions, so the entry at the
+    # k-th position by logit has the discount of position k: no rank needs computing or gathering.
+    _, by_logit = _ragged.sort_by_key_then_descending(ragged.keys, ragged.logits.detach())
+    return log_ranks, torch.empty_like(log_ranks).scatter_(0, by_logit, log_ranks.reciprocal())
 
 
-def _pair_term(
-    ragged: Ragged,
-    pair_loss: Callable[[torch.Tensor], torch.Tensor],
-    ndcg: bool = False,
-) -> Sums:
-    higher, lower = _ragged.pairs(ragged.runs)
-    x, w = ragged.logits, ragged.weights
-    weight = w.index_select(0, higher) * w.index_select(0, lower)
+def _pair_term(ragged: Ragged, pair_loss: str, ndcg: bool = False) -> Sums:
+    runs, x, w = ragged.runs, ragged.logits, ragged.weights
+    higher, lower = _ragged.pairs(runs)
+    # The rows the pairs read, in sorted order, gathered at once: logit, (label, discount), (weight).
+    per_entry = [x.detach()]
     if ndcg:
-        weight = weight * _ndcg_swap(ragged, higher, lower)
-    losses = pair_loss(x.index_select(0, higher) - x.index_select(0, lower)) * weight
-    column = ragged.runs.column
-    pair_column = column if ragged.columns == 1 else column.index_select(0, higher)  # one column: not read
-    return _per_column(ragged, pair_column, losses), _per_column(ragged, column, ragged.runs.lower.to(x.dtype))
+        log_ranks, discounts = _ndcg_discounts(ragged)
+        per_entry += [ragged.labels, discounts]
+    rows = torch.stack(per_entry + ([] if w is None else [w])).index_select(1, runs.order)
+    if ndcg:  # the label becomes its gain over the group's ideal DCG (the |delta NDCG| is formed per pair)
+        gains = torch.exp2(rows[1]) - 1
+        ideal = torch.zeros_like(gains).index_add_(0, runs.start, gains / log_ranks)
+        tiny = torch.finfo(gains.dtype).tiny  # rows of a group with no gain are in no pair
+        torch.div(gains, ideal.index_select(0, runs.start).clamp_min(tiny), out=rows[1])
+    column = runs.column
+    pair_column = None if column is None else column.index_select(0, higher)
+    sums = sorted_pair_loss_sums(
+        x, rows, runs.order, higher, lower, pair_column, ragged.columns, pair_loss, w is not None, ndcg
+    )
+    if column is None:  # the one column's count is the number of pairs, already read
+        return sums, sums.new_full((1,), higher.numel())
+    return sums, _per_column(ragged, column, runs.higher.to(sums.dtype))
 
 
 def _softmax_term(ragged: Ragged) -> Sums:
-    runs, x, y, w = ragged.runs, ragged.logits, ragged.labels, ragged.weights
-    run, n = runs.run, x.numel()
+    runs, x, w = ragged.runs, ragged.logits, ragged.weights
+    rows = torch.stack([x.detach(), ragged.labels] + ([] if w is None else [w]))
+    if torch._C._are_functorch_transforms_active() or rows.requires_grad:
+        # torch.func needs a vmap rule, and learnt weights or labels a gradient, which the fused Function lacks.
+        return _softmax_plain(ragged)
+    run_column = None
+    if runs.column is not None:
+        run_column = torch.zeros_like(runs.start).scatter_(0, runs.start, runs.column)
+    sums: Sums = SoftmaxListSums.apply(  # type: ignore[no-untyped-call]
+        x,
+        rows.index_select(1, runs.order),
+        runs.order,
+        runs.start,
+        runs.higher,
+        run_column,
+        ragged.columns,
+        w is not None,
+    )
+    return sums
+
+
+def _softmax_plain(ragged: Ragged) -> Sums:
+    """The softmax term as plain differentiable ops: the same math as :class:`~losses._list_losses.SoftmaxListSums`."""
+    runs, keep = ragged.runs, ragged.keep
+    order, run = runs.order, runs.start
+    # A list reads every entry of its run: left-out entries (runs of one) enter as 0, with no gradient.
+    zero = ragged.logits.new_zeros(())
+    x = torch.where(keep, ragged.logits, zero).index_select(0, order)
+    y = torch.where(keep, ragged.labels, zero).index_select(0, order)
+    w = keep.to(x.dtype) if ragged.weights is None else torch.where(keep, ragged.weights, zero)
+    w = w.index_select(0, order)
+    n = x.numel()
     peak = x.detach().new_zeros(n).scatter_reduce_(0, run, x.detach(), "amax", include_self=False)
     exp_sum = x.new_zeros(n).index_add(0, run, torch.exp(x - peak.index_select(0, run)))
     label_sum = y.new_zeros(n).index_add_(0, run, y)
     # A list needs a positive label and two different labels: one row, or equal labels, rank nothing.
-    listed = (label_sum > 0) & (runs.lower.new_zeros(n).index_add_(0, run, runs.lower) > 0)
+    listed = (label_sum > 0) & (runs.higher.new_zeros(n).index_add_(0, run, runs.higher) > 0)
     # Ids past the last run hold nothing: keep them out of the log (a 0 there is a NaN gradient).
     log_norm = torch.log(torch.where(listed, exp_sum, 1.0)) + peak
     cross = x.new_zeros(n).index_add(0, run, x * y)
-    mean_weight = w.new_zeros(n).index_add_(0, run, w) / runs.size.new_zeros(n).index_add_(
+    mean_weight = w.new_zeros(n).index_add_(0, run, w) / run.new_zeros(n).index_add_(
         0, run, torch.ones_like(run)
     ).clamp_min(1).to(w.dtype)
     losses = torch.where(listed, (log_norm - cross / torch.where(listed, label_sum, 1.0)) * mean_weight, 0.0)
-    column = x.new_zeros(n, dtype=torch.long).scatter_(0, run, runs.column)
+    column = None if runs.column is None else x.new_zeros(n, dtype=torch.long).scatter_(0, run, runs.column)
     return _per_column(ragged, column, losses), _per_column(ragged, column, listed.to(x.dtype))
 
 
 #: The table of ranking kinds: a row maps a batch's sorted runs to per-column sums and counts.
 RANKINGS: dict[str, Callable[[Ragged], Sums]] = {
-    "pairwise_logistic": partial(_pair_term, pair_loss=lambda d: F.softplus(-d)),
-    "pairwise_hinge": partial(_pair_term, pair_loss=lambda d: torch.relu(1 - d)),
+    "pairwise_logistic": partial(_pair_term, pair_loss="logistic"),
+    "pairwise_hinge": partial(_pair_term, pair_loss="hinge"),
     "softmax": _softmax_term,
-    "lambda_ndcg": partial(_pair_term, pair_loss=lambda d: F.softplus(-d), ndcg=True),
+    "lambda_ndcg": partial(_pair_term, pair_loss="logistic", ndcg=True),
 }
 
 
@@ -138,26 +179,30 @@ def unchecked_ranking_sums(
     ``weights`` is ``[B, R]``, ``[B]`` or ``None``; ``mask`` is ``[B, R]`` or ``None``. Computed in
     float32 for half precision, else in the logits' dtype.
     """
+    return RANKINGS[kind](ragged_entries(logits, labels, groups, weights, mask))
+
+
+def ragged_entries(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    groups: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+) -> Ragged:
+    """The ``[B, R]`` columns as flat entries and their sorted runs: what a row of :data:`RANKINGS` reads."""
     batch, columns = logits.shape
     dtype = compute_dtype(logits.dtype)
     keep = torch.ones_like(logits, dtype=torch.bool) if mask is None else mask.to(torch.bool)
     keys = _ragged.flat_keys(groups, keep)
     flat_keep = keep.t().reshape(-1)
-    zero = logits.new_zeros((), dtype=dtype)
-    # Left-out entries may hold anything (NaN included): they enter as 0 and pass no gradient.
-    x = torch.where(flat_keep, logits.t().reshape(-1).to(dtype), zero)
-    y = torch.where(flat_keep, labels.t().reshape(-1).to(dtype), zero)
-    if weights is None:
-        w = flat_keep.to(dtype)
-    else:
+    # Left-out entries may hold anything (NaN included): each is a run of its own, in no pair.
+    y = labels.t().reshape(-1).to(dtype)
+    w = None
+    if weights is not None:
         block = weights.unsqueeze(1).expand(batch, columns) if weights.ndim == 1 else weights
-        w = torch.where(flat_keep, block.t().reshape(-1).to(dtype), zero)
+        w = block.t().reshape(-1).to(dtype)
     runs = _ragged.sort_runs(keys, y, batch)
-    order = runs.order
-    ragged = Ragged(
-        x.index_select(0, order), y.index_select(0, order), w.index_select(0, order), keys, x.detach(), runs, columns
-    )
-    return RANKINGS[kind](ragged)
+    return Ragged(logits.t().reshape(-1).to(dtype), y, w, flat_keep, keys, runs, columns)
 
 
 def ranking_loss(
