@@ -2,10 +2,10 @@ r"""The pair losses of the ranking terms, fused with their gradient: one pass ov
 
 A pair ``p`` of sorted positions ``(h, l)`` (``h`` the higher label) has the margin
 :math:`z_p = x_l - x_h` (the score the lower-labelled entry wins by) and the loss
-:math:`w_p f(z_p)`. :class:`PairLossSums` returns the per-column sums of these and, in the same
-forward, keeps :math:`w_p f'(z_p)`: its backward is that times the incoming gradient, added at
-``l`` and subtracted at ``h`` (two ``index_add``), instead of an autograd graph of a dozen small
-nodes over ``[P]`` tensors. Each kind of pair loss is one row of :data:`PAIR_LOSSES`.
+:math:`w_p f(z_p)`. :class:`SortedPairLossSums` returns the per-column sums of these and, in the
+same forward, adds :math:`w_p f'(z_p)` at ``l`` and subtracts it at ``h`` (two ``index_add``): its
+backward only scales each entry's sum by the incoming gradient, instead of an autograd graph of a
+dozen small nodes over ``[P]`` tensors. Each kind of pair loss is one row of :data:`PAIR_LOSSES`.
 """
 
 from __future__ import annotations
@@ -40,60 +40,6 @@ def _per_column(values: torch.Tensor, column: Optional[torch.Tensor], columns: i
     if column is None:  # one column (the common case): a plain sum is several times faster
         return values.sum().reshape(1)
     return values.new_zeros(columns).index_add_(0, column, values)
-
-
-class PairLossSums(torch.autograd.Function):
-    """``[R]`` sums over pairs of ``weight * f(x[lower] - x[higher])``; ``column`` ``[P]`` (or ``None``: one)."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        higher: torch.Tensor,
-        lower: torch.Tensor,
-        weight: torch.Tensor,
-        column: Optional[torch.Tensor],
-        columns: int,
-        kind: str,
-    ) -> torch.Tensor:
-        loss = PAIR_LOSSES[kind]
-        margin = x.index_select(0, lower) - x.index_select(0, higher)
-        values = loss.value(margin)
-        ctx.x_size, ctx.column = x.numel(), column
-        saved = [higher, lower, loss.slope(margin) * weight if ctx.needs_input_grad[0] else None]
-        saved.append(values if ctx.needs_input_grad[3] else None)
-        ctx.save_for_backward(*saved)
-        return _per_column(values * weight, column, columns)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        higher, lower, slope, values = ctx.saved_tensors
-        per_pair = grad.reshape(()) if ctx.column is None else grad.index_select(0, ctx.column)
-        grad_x = grad_weight = None
-        if slope is not None:
-            scaled = slope * per_pair
-            grad_x = scaled.new_zeros(ctx.x_size).index_add_(0, lower, scaled).index_add_(0, higher, scaled, alpha=-1)
-        if values is not None:
-            grad_weight = values * per_pair
-        return grad_x, None, None, grad_weight, None, None, None
-
-
-def pair_loss_sums(
-    x: torch.Tensor,
-    higher: torch.Tensor,
-    lower: torch.Tensor,
-    weight: torch.Tensor,
-    column: Optional[torch.Tensor],
-    columns: int,
-    kind: str,
-) -> torch.Tensor:
-    """:class:`PairLossSums`, or the same math as plain differentiable ops under a ``torch.func`` transform."""
-    if torch._C._are_functorch_transforms_active():
-        # torch.func needs setup_context and a vmap rule, which the fused Function gives up for speed.
-        margin = x.index_select(0, lower) - x.index_select(0, higher)
-        return _per_column(PAIR_LOSSES[kind].value(margin) * weight, column, columns)
-    sums: torch.Tensor = PairLossSums.apply(x, higher, lower, weight, column, columns, kind)  # type: ignore[no-untyped-call]
-    return sums
 
 
 def _row_weights(
