@@ -59,7 +59,8 @@ def _group_ids(groups: torch.Tensor, columns: int) -> tuple[torch.Tensor, int]:
         low, high = (int(v) for v in torch.aminmax(groups))
         span = high - low + 1
         if columns * (span + batch) <= _KEYS:
-            return groups - low, span
+            # In int64: ids of a narrower dtype (int16, int8) spanning more than half its range would wrap.
+            return groups.to(torch.int64) - low, span
     sorted_ids, by_id = torch.sort(groups, stable=True)
     return torch.empty_like(by_id).scatter_(0, by_id, _changes(sorted_ids).cumsum(0)), batch
 
