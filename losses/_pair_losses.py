@@ -104,8 +104,8 @@ class SortedPairLossSums(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         (per_entry,) = ctx.saved_tensors
-        # Entries are task-major (e = r B + b): column r's gradient scales a block of B entries.
-        grad_x = (per_entry.view(ctx.columns, -1) * grad.unsqueeze(1)).reshape(-1)
+        # Entries are task-major (e = r B + b): column r's gradient scales a block of B entries (B may be 0).
+        grad_x = (per_entry.view(ctx.columns, per_entry.numel() // ctx.columns) * grad.unsqueeze(1)).reshape(-1)
         return grad_x, None, None, None, None, None, None, None, None, None
 
 

@@ -62,7 +62,8 @@ def _group_ids(groups: torch.Tensor, columns: int) -> tuple[torch.Tensor, int]:
             # In int64: ids of a narrower dtype (int16, int8) spanning more than half its range would wrap.
             return groups.to(torch.int64) - low, span
     sorted_ids, by_id = torch.sort(groups, stable=True)
-    return torch.empty_like(by_id).scatter_(0, by_id, _changes(sorted_ids).cumsum(0)), batch
+    # At least 1: the span strides the columns' keys (an empty batch has R columns of nothing).
+    return torch.empty_like(by_id).scatter_(0, by_id, _changes(sorted_ids).cumsum(0)), max(batch, 1)
 
 
 def flat_keys(groups: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -124,7 +125,8 @@ def sort_runs(keys: torch.Tensor, labels: torch.Tensor, batch: int) -> Runs:
         start=start,
         tie_start=tie_start,
         higher=tie_start - start,
-        column=None if order.numel() == batch else torch.div(order, batch, rounding_mode="floor"),
+        # An empty batch keeps its (empty) columns: one column is no column only with rows.
+        column=None if n == batch > 0 else torch.div(order, max(batch, 1), rounding_mode="floor"),
     )
 
 
