@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def _per_column(values: torch.Tensor, column: Optional[torch.Tensor], columns: int) -> torch.Tensor:
@@ -80,6 +81,7 @@ class SoftmaxListSums(torch.autograd.Function):
         return _per_column(losses, run_column, columns), counts
 
     @staticmethod
+    @once_differentiable  # the saved gradient is a constant: a second derivative is refused, not silently 0
     def backward(ctx: Any, grad: torch.Tensor, _: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
         (per_entry,) = ctx.saved_tensors
         # Entries are task-major (e = r B + b): column r's gradient scales a block of B entries (B may be 0).

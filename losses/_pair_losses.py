@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 class PairLoss(NamedTuple):
@@ -102,6 +103,7 @@ class SortedPairLossSums(torch.autograd.Function):
         return sums
 
     @staticmethod
+    @once_differentiable  # the saved gradient is a constant: a second derivative is refused, not silently 0
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         (per_entry,) = ctx.saved_tensors
         # Entries are task-major (e = r B + b): column r's gradient scales a block of B entries (B may be 0).
