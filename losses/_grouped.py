@@ -9,7 +9,7 @@ keys are one 1D tensor, which torch sorts with a parallel radix sort on the CPU;
 task's row is sorted. Runs of equal keys (ties) and groups are then read from running sums along
 each task's row, taken at each run's and group's first entry: no loop over groups or tasks, no
 value read on the host. Logits are compared in float32 (a float64 logit is rounded first); equal
-logits tie.
+logits tie, and a NaN logit ties with -inf (last), whatever its sign bit.
 
 Per group :math:`g` and task, with the masses of :mod:`losses._auc` (an entry weighs
 :math:`w y` as a positive and :math:`w (1 - y) / r` as a negative):
@@ -53,10 +53,13 @@ def dense_rank(groups: torch.Tensor) -> torch.Tensor:
 
 
 def _descending_bits(logits: torch.Tensor) -> torch.Tensor:
-    """Int64 keys in ``[-2**31, 2**31)`` that order like the float32 logits, highest first (-0.0 equal to 0.0)."""
+    """Int64 keys in ``[-2**31, 2**31)`` ordering the float32 logits highest first (-0.0 = 0.0, NaN = -inf)."""
     # The bits of -x (0 - x: -0.0 and 0.0 both give 0.0) ordered as int32: flipping all bits but
     # the sign of a negative float orders it below the positives.
-    bits = torch.rsub(logits.to(torch.float32), 0.0).view(torch.int32)
+    negated = torch.rsub(logits.to(torch.float32), 0.0)
+    # A NaN's sign bit is arbitrary (inf - inf sets it on x86): without this it ranked first or last
+    # by that bit. As -x = +inf it ranks last, tied with -inf, as NaN goes to the lowest AUC bin.
+    bits = negated.nan_to_num_(nan=math.inf).view(torch.int32)
     return bits.bitwise_xor_((bits >> 31).bitwise_and_(0x7FFFFFFF)).to(torch.int64)
 
 
