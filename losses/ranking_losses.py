@@ -94,10 +94,14 @@ def _pair_term(ragged: Ragged, pair_loss: str, ndcg: bool = False) -> Sums:
         per_entry += [ragged.labels, discounts]
     rows = torch.stack(per_entry + ([] if w is None else [w])).index_select(1, runs.order)
     if ndcg:  # the label becomes its gain over the group's ideal DCG (the |delta NDCG| is formed per pair)
-        gains = torch.exp2(rows[1]) - 1
+        gains = torch.exp2(rows[1].detach()) - 1  # |delta NDCG| is a detached weight
         ideal = torch.zeros_like(gains).index_add_(0, runs.start, gains / log_ranks)
         tiny = torch.finfo(gains.dtype).tiny  # rows of a group with no gain are in no pair
-        torch.div(gains, ideal.index_select(0, runs.start).clamp_min(tiny), out=rows[1])
+        scale = ideal.index_select(0, runs.start).clamp_min(tiny)
+        if rows.requires_grad:  # learnt weights: rows are in the graph, which no out= may write into
+            rows = torch.cat([rows[:1], (gains / scale).unsqueeze(0), rows[2:]])
+        else:
+            torch.div(gains, scale, out=rows[1])
     column = runs.column
     pair_column = None if column is None else column.index_select(0, higher)
     sums = sorted_pair_loss_sums(

@@ -234,3 +234,29 @@ def test_torch_func_hessian_runs_the_plain_ops_and_gives_the_curvature():
     hessian = torch.func.hessian(lambda t: ranking_loss(t, y, groups))(x)
     torch.testing.assert_close(hessian, torch.func.hessian(loop)(x), rtol=1e-12, atol=1e-14)
     assert hessian.abs().sum() > 0.1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_learnt_weights_with_nan_labels_under_the_mask(kind):
+    """Weights that require grad run the plain ops: values and both gradients are the loop's.
+
+    lambda_ndcg wrote the normalised gains into the stacked rows with ``out=``, which autograd
+    refuses once the rows (holding the weights) require grad: ``RuntimeError: div(): functions
+    with out=... arguments don't support automatic differentiation``.
+    """
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(15, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (15,), generator=gen).double()
+    w = torch.rand(15, generator=gen, dtype=torch.float64) + 0.5
+    m = torch.rand(15, generator=gen) < 0.8
+    groups = torch.randint(0, 3, (15,), generator=gen)
+    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    value = ranking_loss(x1, y.masked_fill(~m, float("nan")), groups, kind, w1, m)
+    value.backward()
+    x2, w2 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    total, count = loop_sums(x2, y, groups, w2, m, kind)
+    (total / count).backward()
+    assert value.item() == pytest.approx((total / count).item(), rel=1e-12)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-10, atol=1e-14)
+    assert w1.grad.abs().sum() > 0
