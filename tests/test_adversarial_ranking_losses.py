@@ -260,3 +260,44 @@ def test_learnt_weights_with_nan_labels_under_the_mask(kind):
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-10, atol=1e-14)
     assert w1.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "kinds",
+    [
+        ("pairwise_logistic", "pairwise_logistic", "softmax"),  # consecutive: narrow views, two kind slices
+        ("lambda_ndcg", "pairwise_hinge", "lambda_ndcg"),  # in kind order 1, 0, 2: index_select
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ranked_columns_after_a_multiclass_task_from_strided_views(kinds, dtype):
+    """Three ranked tasks behind a 3-class task (logit columns 3..5 of 6), logits and weights as strided views."""
+    gen = torch.Generator().manual_seed(13)
+    batch = 14
+    tasks = [Task("kind", kind="multiclass", num_classes=3)] + [
+        Task(f"r{i}", ranking=kind, pointwise_weight=0.0) for i, kind in enumerate(kinds)
+    ]
+    wide = torch.randn(8, batch, generator=gen, dtype=torch.float64)
+    logits = wide.t()[:, 1:7]  # a slice of a transposed tensor: strides (1, 14)
+    labels = torch.cat(
+        [torch.randint(0, 3, (batch, 1), generator=gen), torch.randint(0, 3, (batch, 3), generator=gen)], 1
+    )
+    weights = (torch.rand(4, batch, generator=gen, dtype=torch.float64) + 0.5).t()
+    mask = torch.rand(batch, 4, generator=gen) < 0.8
+    groups = torch.randint(0, 3, (batch,), generator=gen) * -9
+    view = logits.to(dtype).detach().requires_grad_() if dtype != torch.float64 else logits.detach().requires_grad_()
+    out = MultiTaskLoss(tasks).to(dtype)(view, labels.to(dtype), weights.to(dtype), mask, groups=groups)
+    sum(out[f"loss/r{i}"] for i in range(3)).backward()  # pointwise_weight 0: the ranking term
+    reference = logits.detach().clone().requires_grad_()
+    total = 0
+    for i, kind in enumerate(kinds):
+        sums, count = loop_sums(
+            reference[:, 3 + i], labels[:, 1 + i].double(), groups, weights[:, 1 + i], mask[:, 1 + i], kind
+        )
+        term = sums / max(count, 1)
+        assert out[f"ranking/r{i}"].item() == pytest.approx(term.item(), rel=1e-5 if dtype == torch.float32 else 1e-12)
+        total = total + term
+    total.backward()
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-13}
+    torch.testing.assert_close(view.grad.double(), reference.grad, **tolerance)
+    assert reference.grad[:, 3:].abs().sum() > 0

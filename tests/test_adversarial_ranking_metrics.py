@@ -241,3 +241,20 @@ def test_a_nan_logit_ranks_last_whatever_its_sign_bit():
         )
         assert results["gauc/t0"].item() == 0.0
         assert results["auc/t0"].item() == 0.0
+
+
+@pytest.mark.parametrize("label_dtype", [torch.float64, torch.bool, torch.int64])
+def test_row_weights_rates_label_dtypes_and_a_transposed_logits_view(label_dtype):
+    """Weights ``[B]`` broadcast over tasks, negative sampling rates, bool/int labels, an empty update first."""
+    logits, labels, weights, mask, ids = _batch(11, seed=3, ties=True)
+    rates = [1.0, 0.5, 0.25]
+    row_weights = weights[:, 0].contiguous()
+    metric = MultiTaskRankingMetrics(["a", "b", "c"], auc_bins=32, ndcg_k=(2,), neg_sampling_rates=rates)
+    metric.update(logits, labels.to(label_dtype), row_weights, torch.zeros_like(mask), ids)  # adds nothing
+    metric.update(logits.t().contiguous().t(), labels.to(label_dtype), row_weights, mask, ids.to(torch.int32))
+    with pytest.warns(UserWarning, match="gauc"):
+        results = metric.compute()
+    expanded = row_weights.unsqueeze(1).expand(-1, 3)
+    wanted = loop_group_values(logits, labels, expanded, mask, ids, (2,), rates=rates)
+    _assert_grouped(results, ["a", "b", "c"], wanted)
+    assert not math.isnan(wanted["gauc"][0])
