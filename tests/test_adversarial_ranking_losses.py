@@ -301,3 +301,26 @@ def test_ranked_columns_after_a_multiclass_task_from_strided_views(kinds, dtype)
     tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-13}
     torch.testing.assert_close(view.grad.double(), reference.grad, **tolerance)
     assert reference.grad[:, 3:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tied_logits_and_graded_labels_with_ties_in_two_masked_columns(kind):
+    """Logits on a grid of three values (lambda_ndcg ranks ties in row order), labels 0..2, a mask."""
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randint(-1, 2, (16, 2), generator=gen).double()
+    y = torch.randint(0, 3, (16, 2), generator=gen).double()
+    w = torch.rand(16, 2, generator=gen, dtype=torch.float64) + 0.5
+    m = torch.rand(16, 2, generator=gen) < 0.8
+    groups = torch.randint(0, 3, (16,), generator=gen) + 2**40
+    logits = x.clone().requires_grad_()
+    sums, counts = unchecked_ranking_sums(logits, y, groups, w, m, kind)
+    (sums / counts.clamp_min(1)).sum().backward()
+    reference = x.clone().requires_grad_()
+    total = 0
+    for r in range(2):
+        part, count = loop_sums(reference[:, r], y[:, r], groups, w[:, r], m[:, r], kind)
+        assert counts[r].item() == count
+        assert sums[r].item() == pytest.approx(part.item(), rel=1e-12)
+        total = total + part / max(count, 1)
+    total.backward()
+    torch.testing.assert_close(logits.grad, reference.grad, rtol=1e-10, atol=1e-14)
