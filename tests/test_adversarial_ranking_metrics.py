@@ -9,6 +9,7 @@ by the documented rule; scikit-learn for the AUC and average precision of logits
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -118,9 +119,14 @@ def _assert_grouped(results, names, wanted, abs_=1e-10):
 def test_gauc_and_ndcg_equal_the_pair_loop(batch, tasks, probabilities, ties):
     """Odd batches (halves of unequal size), one row, one task, 40 tasks, probability labels, tied logits."""
     logits, labels, weights, mask, ids = _batch(batch, tasks, seed=batch, probabilities=probabilities, ties=ties)
-    names, results = _compute(logits, labels, weights, mask, ids, ks=(1, 3, 50))
     wanted = loop_group_values(logits, labels, weights, mask, ids, (1, 3, 50))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        names, results = _compute(logits, labels, weights, mask, ids, ks=(1, 3, 50))
     _assert_grouped(results, names, wanted)
+    # The single warning comes exactly when some value is undefined (NaN).
+    undefined = any(math.isnan(value) for values in wanted.values() for value in values)
+    assert [str(w.message).count("returned as NaN") for w in caught] == ([1] if undefined else [])
     if batch > 1:
         assert any(not math.isnan(v) for v in wanted["gauc"])
 
@@ -145,7 +151,8 @@ def test_group_ids_of_any_dtype_and_value(ids):
 def test_every_row_its_own_group_has_no_gauc_and_ndcg_one():
     logits, labels, weights, _, _ = _batch(12, seed=4)
     labels[0] = 1.0
-    names, results = _compute(logits, labels, weights, None, torch.arange(12) * 1000 - 6000)
+    with pytest.warns(UserWarning, match="gauc needs a group with a positive and a negative"):
+        names, results = _compute(logits, labels, weights, None, torch.arange(12) * 1000 - 6000)
     for name in names:
         assert math.isnan(results[f"gauc/{name}"].item())
         assert results[f"ndcg@1/{name}"].item() == 1.0
