@@ -20,11 +20,7 @@ from typing import Any, Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-
-def _per_column(values: torch.Tensor, column: Optional[torch.Tensor], columns: int) -> torch.Tensor:
-    if column is None:  # one column (the common case): a plain sum is several times faster
-        return values.sum().reshape(1)
-    return values.new_zeros(columns).index_add_(0, column, values)
+from losses._ragged import per_column_sums
 
 
 class SoftmaxListSums(torch.autograd.Function):
@@ -76,9 +72,9 @@ class SoftmaxListSums(torch.autograd.Function):
             by_row = torch.cat([scales, listed.to(scales.dtype).unsqueeze(0)]).index_select(1, start)
             per_row = torch.where(by_row[2] > 0, exps * by_row[0] - labels * by_row[1], 0.0)
             ctx.save_for_backward(torch.empty_like(per_row).scatter_(0, order, per_row))  # to entry order
-        counts = _per_column(listed.to(losses.dtype), run_column, columns)
+        counts = per_column_sums(listed.to(losses.dtype), run_column, columns)
         ctx.mark_non_differentiable(counts)
-        return _per_column(losses, run_column, columns), counts
+        return per_column_sums(losses, run_column, columns), counts
 
     @staticmethod
     @once_differentiable  # the saved gradient is a constant: a second derivative is refused, not silently 0

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from losses._ragged import per_column_sums
+
 
 class PairLoss(NamedTuple):
     """A pair loss ``f`` of the margin ``z``, its derivative ``f'``, and ``w f'(z)`` in as few ops as it takes."""
@@ -35,12 +37,6 @@ PAIR_LOSSES: dict[str, PairLoss] = {
         lambda z: torch.relu(1 + z), lambda z: (z > -1).to(z.dtype), lambda z, w: torch.where(z > -1, w, 0.0)
     ),
 }
-
-
-def _per_column(values: torch.Tensor, column: Optional[torch.Tensor], columns: int) -> torch.Tensor:
-    if column is None:  # one column (the common case): a plain sum is several times faster
-        return values.sum().reshape(1)
-    return values.new_zeros(columns).index_add_(0, column, values)
 
 
 def _row_weights(
@@ -64,7 +60,7 @@ def _weighted_sums(
 ) -> torch.Tensor:
     if column is None and weight is not None:
         return torch.dot(values, weight).reshape(1)  # one op for the product and the sum
-    return _per_column(values if weight is None else values * weight, column, columns)
+    return per_column_sums(values if weight is None else values * weight, column, columns)
 
 
 class SortedPairLossSums(torch.autograd.Function):

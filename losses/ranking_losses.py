@@ -64,12 +64,6 @@ class Ragged(NamedTuple):
 Sums = tuple[torch.Tensor, torch.Tensor]
 
 
-def _per_column(ragged: Ragged, column: Optional[torch.Tensor], values: torch.Tensor) -> torch.Tensor:
-    if column is None:  # one column (the common case): a plain sum is several times faster
-        return values.sum().reshape(1)
-    return values.new_zeros(ragged.columns).index_add_(0, column, values)
-
-
 def _ndcg_discounts(ragged: Ragged) -> tuple[torch.Tensor, torch.Tensor]:
     """``log2(2 + position in the run)`` by sorted position (the ideal ranks) and each entry's discount by logit rank.
 
@@ -109,7 +103,7 @@ def _pair_term(ragged: Ragged, pair_loss: str, ndcg: bool = False) -> Sums:
     )
     if column is None:  # the one column's count is the number of pairs, already read
         return sums, sums.new_full((1,), higher.numel())
-    return sums, _per_column(ragged, column, runs.higher.to(sums.dtype))
+    return sums, _ragged.per_column_sums(runs.higher.to(sums.dtype), column, ragged.columns)
 
 
 def _softmax_term(ragged: Ragged) -> Sums:
@@ -158,7 +152,9 @@ def _softmax_plain(ragged: Ragged) -> Sums:
     ).clamp_min(1).to(w.dtype)
     losses = torch.where(listed, (log_norm - cross / torch.where(listed, label_sum, 1.0)) * mean_weight, 0.0)
     column = None if runs.column is None else x.new_zeros(n, dtype=torch.long).scatter_(0, run, runs.column)
-    return _per_column(ragged, column, losses), _per_column(ragged, column, listed.to(x.dtype))
+    return _ragged.per_column_sums(losses, column, ragged.columns), _ragged.per_column_sums(
+        listed.to(x.dtype), column, ragged.columns
+    )
 
 
 #: The table of ranking kinds: a row maps a batch's sorted runs to per-column sums and counts.
