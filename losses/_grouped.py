@@ -33,6 +33,8 @@ from typing import Optional
 
 import torch
 
+from losses._ragged import descending_code
+
 _LOW_BITS = 33  # a logit's key in [0, 2**32), highest logit first; 2**32 marks an unlabelled entry
 _KEY_BITS = 63  # the bits of a non-negative int64: task, group rank and logit must fit for one 1D sort
 
@@ -54,13 +56,11 @@ def dense_rank(groups: torch.Tensor) -> torch.Tensor:
 
 def _descending_bits(logits: torch.Tensor) -> torch.Tensor:
     """Int64 keys in ``[-2**31, 2**31)`` ordering the float32 logits highest first (-0.0 = 0.0, NaN = -inf)."""
-    # The bits of -x (0 - x: -0.0 and 0.0 both give 0.0) ordered as int32: flipping all bits but
-    # the sign of a negative float orders it below the positives.
-    negated = torch.rsub(logits.to(torch.float32), 0.0)
-    # A NaN's sign bit is arbitrary (inf - inf sets it on x86): without this it ranked first or last
-    # by that bit. As -x = +inf it ranks last, tied with -inf, as NaN goes to the lowest AUC bin.
-    bits = negated.nan_to_num_(nan=math.inf).view(torch.int32)
-    return bits.bitwise_xor_((bits >> 31).bitwise_and_(0x7FFFFFFF)).to(torch.int64)
+    # A NaN's sign bit is arbitrary (inf - inf sets it on x86), so its bits alone ranked it first or
+    # last by that bit. As -inf it ranks last, tied with -inf, as NaN goes to the lowest AUC bin.
+    # (nan_to_num's own default would also turn the infinities into the largest finite floats.)
+    finite_or_inf = torch.nan_to_num(logits.to(torch.float32), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    return descending_code(finite_or_inf).to(torch.int64)
 
 
 def _discount_table(ks: Sequence[int], size: int, device: torch.device) -> torch.Tensor:

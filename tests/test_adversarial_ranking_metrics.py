@@ -248,6 +248,10 @@ def test_a_nan_logit_ranks_last_whatever_its_sign_bit():
         )
         assert results["gauc/t0"].item() == 0.0
         assert results["auc/t0"].item() == 0.0
+        # Tied with -inf: a NaN positive against a -inf negative is half a correctly ordered pair.
+        pair = torch.tensor([[nan.item()], [-math.inf]])
+        _, tied = _compute(pair, labels[:2], torch.ones(2, 1), None, torch.zeros(2, dtype=torch.int64), ks=(1,))
+        assert tied["gauc/t0"].item() == 0.5
 
 
 @pytest.mark.parametrize("label_dtype", [torch.float64, torch.bool, torch.int64])
