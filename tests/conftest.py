@@ -266,35 +266,6 @@ def ranks() -> Callable[..., list[Any]]:
     return run_on_ranks
 
 
-def run_command(command: list[str], env: dict[str, str], timeout: float) -> str:
-    """Run ``command`` in its own process group; return its output, or fail with it.
-
-    The whole group is killed after ``timeout`` seconds, children (launched ranks) included.
-    """
-    process = subprocess.Popen(
-        command,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"{command} still running after {timeout:.0f} s:\n{output[-3000:]}")
-    assert process.returncode == 0, output[-3000:]
-    return output
-
-
-@pytest.fixture
-def command() -> Callable[[list[str], dict[str, str], float], str]:
-    """The :func:`run_command` runner, as a fixture."""
-    return run_command
-
-
 # --- Launches ---------------------------------------------------------------------------------------
 # The few end-to-end tests run a command (the demo, the Lightning app) that spends seconds importing
 # torch and launching ranks. Declared at module level as a Launch, it starts in the background as
