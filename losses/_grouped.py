@@ -1,14 +1,16 @@
 r"""Grouped AUC and NDCG@k per task from one ``[B, T]`` block with a group id per row, as sums.
 
 A group is the rows that share one id inside one block (one ``update``): a user or a request.
-The ``B`` ids are ranked ``0 .. G - 1`` with a sort of the ids alone (:func:`dense_rank`); then
-one sort of the block's ``B T`` entries on a combined int64 key (task, group rank, logit highest
-first; unlabelled entries after every labelled one) orders each task's entries group by group.
-When the key fits in 63 bits (the task and group bits come from the shape, no value is read) the
-keys are one 1D tensor, which torch sorts with a parallel radix sort on the CPU; otherwise each
-task's row is sorted. Runs of equal keys (ties) and groups are then read from running sums along
-each task's row, taken at each run's and group's first entry: no loop over groups or tasks, no
-value read on the host. Logits are compared in float32 (a float64 logit is rounded first); equal
+The ``B`` ids become small integers as the ranking losses make them
+(:func:`~losses._ragged.group_ids`): on the CPU the ids themselves, minus the smallest, when they
+span few enough values, else their ranks from a sort of the ``B`` ids. Then one sort of the
+block's ``B T`` entries on a combined int64 key (task, group, logit highest first; unlabelled
+entries after every labelled one) orders each task's entries group by group. When the key fits
+in 63 bits the keys are one 1D tensor, which torch sorts with a parallel radix sort on the CPU;
+otherwise each task's row is sorted. Runs of equal keys (ties) and groups are then read from
+running sums along each task's row, taken at each run's and group's first entry: no loop over
+groups or tasks, and no value read on the host but the ids' range on the CPU (where it costs no
+device sync). Logits are compared in float32 (a float64 logit is rounded first); equal
 logits tie, and a NaN logit ties with -inf (last), whatever its sign bit.
 
 Per group :math:`g` and task, with the masses of :mod:`losses._auc` (an entry weighs
@@ -33,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from losses._ragged import descending_code
+from losses._ragged import descending_code, group_ids
 
 _LOW_BITS = 33  # a logit's key in [0, 2**32), highest logit first; 2**32 marks an unlabelled entry
 _KEY_BITS = 63  # the bits of a non-negative int64: task, group rank and logit must fit for one 1D sort
@@ -42,16 +44,6 @@ _KEY_BITS = 63  # the bits of a non-negative int64: task, group rank and logit m
 def group_rows(ks: Sequence[int]) -> tuple[str, ...]:
     """The rows of :func:`grouped_sums`, in order."""
     return ("groups", "gauc_sum", "gauc_weight", "ndcg_groups", *(f"ndcg_sum@{k}" for k in ks))
-
-
-def dense_rank(groups: torch.Tensor) -> torch.Tensor:
-    """Each id's rank among the distinct ids of ``groups``, ``0 .. G - 1``, with one sort of ``B`` ids."""
-    ordered, order = torch.sort(groups)
-    new = torch.ones_like(ordered, dtype=torch.int64)
-    if ordered.numel() > 1:
-        new[1:] = ordered[1:] != ordered[:-1]
-    new[0] = 0
-    return torch.empty_like(new).scatter_(0, order, new.cumsum(0))
 
 
 def _descending_bits(logits: torch.Tensor) -> torch.Tensor:
@@ -77,17 +69,20 @@ def _sort_block(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(T, B)`` keys sorted by (task, group, logit descending) and the flat ``[B, T]`` index of each.
 
-    One sort of the ``B T`` keys (task, group rank, logit bits) as a single int64 tensor when they
-    fit in 63 bits (the task and group bits from the shape alone): torch sorts 1D integers with a
-    parallel radix sort on the CPU. Otherwise each task's row is sorted on (group rank, logit).
+    One sort of the ``B T`` keys (task, group, logit bits) as a single int64 tensor when they fit in
+    63 bits (the group bits from the ids' span, or from ``B`` for ranked ids): torch sorts 1D
+    integers with a parallel radix sort on the CPU. Otherwise each task's row is sorted on (group,
+    logit).
     """
     rows, tasks = logits.shape
     low = _descending_bits(logits)
     if labelled is not None:
         low = torch.where(labelled, low, 2**31)  # after every labelled entry
-    rank = (dense_rank(groups) << _LOW_BITS).add_(2**31)  # and the logit keys from 0
-    group_bits = (rows - 1).bit_length()
-    if (tasks - 1).bit_length() + group_bits + _LOW_BITS <= _KEY_BITS:
+    task_bits = (tasks - 1).bit_length()
+    ids, span = group_ids(groups, 2 ** max(_KEY_BITS - _LOW_BITS - task_bits, 0))
+    group_bits = (span - 1).bit_length()
+    rank = (ids << _LOW_BITS).add_(2**31)  # and the logit keys from 0
+    if task_bits + group_bits + _LOW_BITS <= _KEY_BITS:
         task = torch.arange(tasks, device=logits.device) << (group_bits + _LOW_BITS)
         ordered, index = torch.sort(low.add_(rank.unsqueeze(1)).add_(task).view(-1))
         return ordered.view(tasks, rows), index.view(tasks, rows)

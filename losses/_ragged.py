@@ -46,24 +46,29 @@ def _changes(sorted_values: torch.Tensor, first: bool = False) -> torch.Tensor:
 _KEYS = 2**31
 
 
-def _group_ids(groups: torch.Tensor, columns: int) -> tuple[torch.Tensor, int]:
-    """``(ids, span)``: ids in ``[0, span)`` in the order of the group ids, equal for equal groups.
+def group_ids(groups: torch.Tensor, max_span: int) -> tuple[torch.Tensor, int]:
+    """``(ids, span)``: int64 ids in ``[0, span)`` in the order of the group ids, equal for equal groups.
 
-    On the CPU, reading the ids' range costs no device sync: ids spanning few enough values (keys
-    ``r span + id`` and one per entry above them stay below ``2^31``) are used as they are, minus
-    the smallest, with no sort. Otherwise (other devices, or ids spread wide, such as hashes) dense
-    ids come from one sort of the ids (no ``unique``, whose size is data-dependent).
+    On the CPU, reading the ids' range costs no device sync: ids spanning at most ``max_span``
+    values are used as they are, minus the smallest, with no sort. Otherwise (other devices, or ids
+    spread wide, such as hashes) dense ids come from one sort of the ids (no ``unique``, whose size
+    is data-dependent), and the span is the batch size.
     """
     batch = groups.numel()
     if groups.device.type == "cpu" and batch > 0:
         low, high = (int(v) for v in torch.aminmax(groups))
         span = high - low + 1
-        if columns * (span + batch) <= _KEYS:
+        if span <= max_span:
             # In int64: ids of a narrower dtype (int16, int8) spanning more than half its range would wrap.
             return groups.to(torch.int64) - low, span
     sorted_ids, by_id = torch.sort(groups, stable=True)
     # At least 1: the span strides the columns' keys (an empty batch has R columns of nothing).
     return torch.empty_like(by_id).scatter_(0, by_id, _changes(sorted_ids).cumsum(0)), max(batch, 1)
+
+
+def _group_ids(groups: torch.Tensor, columns: int) -> tuple[torch.Tensor, int]:
+    """:func:`group_ids` for :func:`flat_keys`: keys ``r span + id`` and one per entry above them stay below 2^31."""
+    return group_ids(groups, _KEYS // columns - groups.numel())
 
 
 def per_column_sums(values: torch.Tensor, column: Optional[torch.Tensor], columns: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from losses import MultiTaskRankingMetrics, _grouped
-from losses._grouped import dense_rank, group_rows, grouped_sums
+from losses._grouped import group_rows, grouped_sums
 from tests.ranking_reference import group_metrics
 
 TASKS = ["click", "fav", "reply"]
@@ -76,7 +76,7 @@ def test_rows_of_a_group_in_any_order_and_ids_of_any_size():
     part = grouped_batch(200, 5)
     order = torch.randperm(200, generator=torch.Generator().manual_seed(6))
     shuffled = {key: value[order] for key, value in part.items()}
-    renamed = {**part, "groups": dense_rank(part["groups"]) - 7}  # small and negative ids
+    renamed = {**part, "groups": torch.unique(part["groups"], return_inverse=True)[1] - 7}  # small and negative ids
     results = []
     for batch in (part, shuffled, renamed):
         metric = MultiTaskRankingMetrics(TASKS, auc_bins=32, ndcg_k=KS)
@@ -84,6 +84,23 @@ def test_rows_of_a_group_in_any_order_and_ids_of_any_size():
         results.append(metric.group_sums.clone())
     torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(results[2], results[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("offset", [-1, 0, 1])
+def test_ids_read_directly_or_ranked_give_the_same_sums(offset):
+    """Ids spanning just below, at and above the span the block key takes as they are give one result."""
+    part = grouped_batch(200, 7)
+    limit = 2 ** (30 - (len(TASKS) - 1).bit_length())  # 63 key bits: 33 for the logit, 2 for 3 tasks
+    dense = torch.unique(part["groups"], return_inverse=True)[1]
+    spread = torch.where(dense == dense.max(), limit - 1 + offset, dense) - 5  # span limit + offset
+    _, span = _grouped.group_ids(spread, limit)
+    assert span == (limit + offset if offset <= 0 else 200)  # read directly up to the limit, ranked above
+    results = []
+    for groups in (part["groups"], spread):
+        metric = MultiTaskRankingMetrics(TASKS, auc_bins=32, ndcg_k=KS)
+        metric.update(**{**part, "groups": groups})
+        results.append(metric.group_sums.clone())
+    torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=1e-12)
 
 
 def test_a_group_is_one_update():
