@@ -148,4 +148,4 @@ def pairs(runs: Runs) -> tuple[torch.Tensor, torch.Tensor]:
     lower = torch.repeat_interleave(runs.higher, output_size=count)
     # start[i] - block_start[i] = tie_start[i] - block_end[i]: the part fixed per block, gathered once per pair.
     shift = runs.tie_start - runs.higher.cumsum(0)
-    return torch.arange(count, device=lower.device) + shift.index_select(0, lower), lower
+    return shift.index_select(0, lower).add_(torch.arange(count, device=lower.device)), lower
