@@ -111,7 +111,9 @@ def sort_by_key_then_descending(keys: torch.Tensor, values: torch.Tensor) -> tup
 
     ``packed`` is ``key * 2^32 + descending_code(value)``, sorted.
     """
-    packed, order = torch.sort(_packed(keys, values), stable=True)
+    packed = _packed(keys, values)
+    order = torch.empty_like(packed)
+    torch.sort(packed, stable=True, out=(packed, order))  # in place: no second [N] buffer of sorted values
     return packed, order
 
 
