@@ -32,7 +32,7 @@ class PairLoss(NamedTuple):
 #: slope 1 where :math:`1 + z > 0` (0 at the kink, as ``relu``).
 PAIR_LOSSES: dict[str, PairLoss] = {
     # Past softplus's threshold (z > 20) its slope is 1; sigmoid(z) there is within e^-20 of it.
-    "logistic": PairLoss(F.softplus, torch.sigmoid, lambda z, w: torch.sigmoid(z) * w),
+    "logistic": PairLoss(F.softplus, torch.sigmoid, lambda z, w: torch.sigmoid(z).mul_(w)),
     "hinge": PairLoss(
         lambda z: torch.relu(1 + z), lambda z: (z > -1).to(z.dtype), lambda z, w: torch.where(z > -1, w, 0.0)
     ),
@@ -40,19 +40,27 @@ PAIR_LOSSES: dict[str, PairLoss] = {
 
 
 def _row_weights(
-    high: torch.Tensor, low: torch.Tensor, weighted: bool, swap: bool
+    high: torch.Tensor, low: torch.Tensor, weighted: bool, swap: bool, scratch: bool = False
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Each pair's margin ``x_l - x_h`` and weight from its members' rows ``[x, (gain, discount), (w)]``, ``[K, P]``.
 
-    The weight is ``None`` when it is 1 for every pair.
+    The weight is ``None`` when it is 1 for every pair. ``scratch``: ``high`` and ``low`` are fresh
+    gathers outside autograd, which the swap overwrites in place (the same ops, with no new ``[P]``
+    tensor each: fewer pages for the allocator to fault in, a lower peak).
     """
     weight = high[-1] * low[-1] if weighted else None
     if not swap:
         return low[0] - high[0], weight
-    difference = low[:3] - high[:3]  # the margin, and the differences of gain and discount, in one op
+    # The margin, and the differences of gain and discount, in one op; then
     # |delta NDCG| of swapping the pair: |gain_h - gain_l| |discount_h - discount_l|
-    delta = (difference[1] * difference[2]).abs()
-    return difference[0], delta if weight is None else weight * delta
+    if not scratch:
+        difference = low[:3] - high[:3]
+        delta = (difference[1] * difference[2]).abs()
+        return difference[0], delta if weight is None else weight * delta
+    difference = low[:3].sub_(high[:3])
+    if weight is None:  # a fresh tensor: the sum's dot product reads a row at another offset in other order
+        return difference[0], torch.mul(difference[1], difference[2]).abs_()
+    return difference[0], weight.mul_(difference[1].mul_(difference[2]).abs_())
 
 
 def _weighted_sums(
@@ -89,7 +97,9 @@ class SortedPairLossSums(torch.autograd.Function):
         swap: bool,
     ) -> torch.Tensor:
         loss = PAIR_LOSSES[kind]
-        margin, weight = _row_weights(rows.index_select(1, higher), rows.index_select(1, lower), weighted, swap)
+        margin, weight = _row_weights(
+            rows.index_select(1, higher), rows.index_select(1, lower), weighted, swap, scratch=True
+        )
         sums = _weighted_sums(loss.value(margin), weight, column, columns)
         ctx.columns = columns
         if ctx.needs_input_grad[0]:

@@ -116,7 +116,9 @@ def sort_by_key_then_descending(keys: torch.Tensor, values: torch.Tensor) -> tup
 
     ``packed`` is ``key * 2^32 + descending_code(value)``, sorted.
     """
-    packed, order = torch.sort(_packed(keys, values), stable=True)
+    packed = _packed(keys, values)
+    order = torch.empty_like(packed)
+    torch.sort(packed, stable=True, out=(packed, order))  # in place: no second [N] buffer of sorted values
     return packed, order
 
 
@@ -153,4 +155,4 @@ def pairs(runs: Runs) -> tuple[torch.Tensor, torch.Tensor]:
     lower = torch.repeat_interleave(runs.higher, output_size=count)
     # start[i] - block_start[i] = tie_start[i] - block_end[i]: the part fixed per block, gathered once per pair.
     shift = runs.tie_start - runs.higher.cumsum(0)
-    return torch.arange(count, device=lower.device) + shift.index_select(0, lower), lower
+    return shift.index_select(0, lower).add_(torch.arange(count, device=lower.device)), lower

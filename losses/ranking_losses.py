@@ -64,38 +64,43 @@ class Ragged(NamedTuple):
 Sums = tuple[torch.Tensor, torch.Tensor]
 
 
-def _ndcg_discounts(ragged: Ragged) -> tuple[torch.Tensor, torch.Tensor]:
-    """``log2(2 + position in the run)`` by sorted position (the ideal ranks) and each entry's discount by logit rank.
+def _ndcg_rows(ragged: Ragged) -> torch.Tensor:
+    """lambda_ndcg's rows ``[x, gain / IDCG, discount, (w)]`` in sorted order, ``[K, N]``, ``x`` detached.
 
-    The discount is ``1 / log2(2 + rank)``, in entry order, ranks by logit from high to low (ties in row order).
+    The discount is ``1 / log2(2 + rank)``, ranks by logit from high to low within the group (ties in
+    row order); the IDCG sums ``gain / log2(2 + position in the run)``: runs are sorted by label from
+    high to low, so a sorted position is an ideal rank.
     """
-    runs = ragged.runs
-    n, dtype = runs.start.numel(), ragged.logits.dtype
-    log_ranks = torch.log2(torch.arange(2, n + 2, dtype=dtype, device=runs.start.device) - runs.start)
+    runs, x, w = ragged.runs, ragged.logits.detach(), ragged.weights
+    n = runs.start.numel()
+    # In place from the one fresh tensor: every [N] buffer this path allocates is another few pages to fault in.
+    log_ranks = torch.arange(2, n + 2, dtype=x.dtype, device=x.device).sub_(runs.start).log2_()
     # The same keys sorted by logit put every run at the same sorted positions, so the entry at the
     # k-th position by logit has the discount of position k: no rank needs computing or gathering.
-    _, by_logit = _ragged.sort_by_key_then_descending(ragged.keys, ragged.logits.detach())
-    return log_ranks, torch.empty_like(log_ranks).scatter_(0, by_logit, log_ranks.reciprocal())
+    _, by_logit = _ragged.sort_by_key_then_descending(ragged.keys, x)
+    by_entry = x.new_empty((3 if w is None else 4, n))
+    by_entry[0], by_entry[1] = x, ragged.labels  # the labels become gains below: |delta NDCG| is a detached weight
+    by_entry[2].scatter_(0, by_logit, log_ranks.reciprocal())
+    if w is not None:
+        by_entry[3] = w  # learnt weights: a copy autograd records (the rows then require grad)
+    rows = by_entry.index_select(1, runs.order)
+    gains = torch.exp2(rows[1].detach()).sub_(1)
+    ideal = torch.zeros_like(gains).index_add_(0, runs.start, torch.div(gains, log_ranks, out=log_ranks))
+    tiny = torch.finfo(gains.dtype).tiny  # rows of a group with no gain are in no pair
+    scale = ideal.index_select(0, runs.start).clamp_min_(tiny)
+    if rows.requires_grad:  # learnt weights: rows are in the graph, which no out= may write into
+        return torch.cat([rows[:1], (gains / scale).unsqueeze(0), rows[2:]])
+    torch.div(gains, scale, out=rows[1])
+    return rows
 
 
 def _pair_term(ragged: Ragged, pair_loss: str, ndcg: bool = False) -> Sums:
     runs, x, w = ragged.runs, ragged.logits, ragged.weights
     higher, lower = _ragged.pairs(runs)
-    # The rows the pairs read, in sorted order, gathered at once: logit, (label, discount), (weight).
-    per_entry = [x.detach()]
     if ndcg:
-        log_ranks, discounts = _ndcg_discounts(ragged)
-        per_entry += [ragged.labels, discounts]
-    rows = torch.stack(per_entry + ([] if w is None else [w])).index_select(1, runs.order)
-    if ndcg:  # the label becomes its gain over the group's ideal DCG (the |delta NDCG| is formed per pair)
-        gains = torch.exp2(rows[1].detach()) - 1  # |delta NDCG| is a detached weight
-        ideal = torch.zeros_like(gains).index_add_(0, runs.start, gains / log_ranks)
-        tiny = torch.finfo(gains.dtype).tiny  # rows of a group with no gain are in no pair
-        scale = ideal.index_select(0, runs.start).clamp_min(tiny)
-        if rows.requires_grad:  # learnt weights: rows are in the graph, which no out= may write into
-            rows = torch.cat([rows[:1], (gains / scale).unsqueeze(0), rows[2:]])
-        else:
-            torch.div(gains, scale, out=rows[1])
+        rows = _ndcg_rows(ragged)
+    else:  # the rows the pairs read, in sorted order, gathered at once: logit, (weight)
+        rows = torch.stack([x.detach()] + ([] if w is None else [w])).index_select(1, runs.order)
     column = runs.column
     pair_column = None if column is None else column.index_select(0, higher)
     sums = sorted_pair_loss_sums(

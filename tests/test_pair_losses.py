@@ -111,3 +111,29 @@ def test_logistic_slope_past_the_softplus_threshold_is_about_one():
     # margin 30 (slope exactly 1: x[1] +1, x[0] -1) and margin -30 (slope sigmoid(-30): x[0] +, x[2] -)
     small = torch.sigmoid(torch.tensor(-30.0, dtype=torch.float64))
     torch.testing.assert_close(x.grad, torch.stack([small - 1, torch.tensor(1.0, dtype=torch.float64), -small]))
+
+
+@pytest.mark.parametrize(("weighted", "swap"), [(False, False), (True, False), (False, True), (True, True)])
+def test_fused_sums_are_bit_for_bit_the_plain_ops_sums(weighted, swap):
+    """The fused pass forms the weights in place over its gathered rows: the same ops, the same bits.
+
+    An in-place |delta NDCG| without weights once summed a row of the gathers (another offset, so
+    another summation order in the dot product): float32 sums then moved in the last bit.
+    """
+    gen = torch.Generator().manual_seed(5)
+    n, pairs = 4000, 50001  # rows of the gathers at an offset that is no multiple of 64 bytes
+    x = torch.randn(n, generator=gen)
+    order = torch.randperm(n, generator=gen)
+    higher, lower = torch.randint(0, n, (pairs,), generator=gen), torch.randint(0, n, (pairs,), generator=gen)
+    rows = [x.index_select(0, order)]
+    if swap:
+        rows += [torch.rand(n, generator=gen), torch.rand(n, generator=gen)]
+    if weighted:
+        rows.append(torch.rand(n, generator=gen) + 0.5)
+    stacked = torch.stack(rows)
+    fused = SortedPairLossSums.apply(x, stacked, order, higher, lower, None, 1, "logistic", weighted, swap)
+    with torch.enable_grad():  # a rows tensor that requires grad takes the plain ops
+        plain = sorted_pair_loss_sums(
+            x, stacked.requires_grad_(), order, higher, lower, None, 1, "logistic", weighted, swap
+        )
+    assert torch.equal(fused, plain.detach())

@@ -49,3 +49,18 @@ def test_hash_like_group_ids_give_the_same_sums_and_gradients(kind, columns):
     torch.testing.assert_close(wide_sums, sums)
     torch.testing.assert_close(wide_counts, counts)
     torch.testing.assert_close(wide_grad, grad)
+
+
+@pytest.mark.parametrize("size", [200, 40000])  # a comparison sort below 32768 entries, a radix sort above
+def test_sort_by_key_then_descending_orders_ties_by_entry_and_leaves_its_inputs(size):
+    gen = torch.Generator().manual_seed(size)
+    keys = torch.randint(0, 30, (size,), generator=gen)
+    values = torch.randint(-2, 3, (size,), generator=gen).float() / 2  # ties, and -0.0 beside 0.0
+    values[::7] = -0.0
+    keys_before, values_before = keys.clone(), values.clone()
+    packed, order = _ragged.sort_by_key_then_descending(keys, values)
+    expected = sorted(range(size), key=lambda e: (int(keys[e]), -float(values[e]), e))
+    assert order.tolist() == expected
+    assert torch.equal(packed, _ragged._packed(keys, values)[order])
+    assert torch.equal(keys, keys_before)
+    assert torch.equal(values, values_before)
