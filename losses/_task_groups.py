@@ -180,6 +180,10 @@ def _vector(values: Sequence[float], default: float) -> Optional[list[float]]:
     return list(values)
 
 
+#: The gammas whose power is a product (torch's pow multiplies for 2 and 3), not an exponential.
+_PRODUCT_POWERS = {1.0, 2.0, 3.0}
+
+
 class BinaryTasks(TaskGroup):
     """Binary tasks: BCE with ``pos_weight``, label smoothing, focal modulation and negative sampling.
 
@@ -201,7 +205,12 @@ class BinaryTasks(TaskGroup):
         focal = any(task.focal_gamma or task.focal_alpha is not None for task in specs)
         # NaN stands for "no alpha" (both targets weigh 1); see functional.multi_task_bce.
         alphas = [float("nan") if task.focal_alpha is None else task.focal_alpha for task in specs]
+        gammas = {task.focal_gamma for task in specs} - {0.0}
         self.register_option("focal_gamma", [task.focal_gamma for task in specs] if focal else None)
+        #: With every gamma 0 or one small integer k, the focal modulations are products s^k (see
+        #: functional.unchecked_multi_task_bce); 0: exponentials.
+        # (all 0, with an alpha: k = 1, every selector 0).
+        self._focal_power = int(max(gammas, default=1.0)) if len(gammas) <= 1 and gammas <= _PRODUCT_POWERS else 0
         self.register_option("focal_alpha", alphas if focal else None)
         self.register_option("label_smoothing", _vector([task.label_smoothing for task in specs], 0.0))
         self.register_option("neg_sampling_rate", _vector([task.neg_sampling_rate for task in specs], 1.0))
@@ -243,7 +252,16 @@ class BinaryTasks(TaskGroup):
                 logits, labels, pos_weight, weights, mask, scale, task_weight, factor
             )
         return functional.unchecked_multi_task_bce(
-            logits, labels, pos_weight, weights, mask, scale, task_weight, factor, **self._options(logits)
+            logits,
+            labels,
+            pos_weight,
+            weights,
+            mask,
+            scale,
+            task_weight,
+            factor,
+            focal_power=self._focal_power,
+            **self._options(logits),
         )
 
     def check_values(self, inputs: Inputs) -> None:
