@@ -283,12 +283,14 @@ def _focal_block(
         s, q = torch.sigmoid(x, out=common), torch.neg(x, out=losses if grad is None else grad).sigmoid_()
     _modulation(q, log_q, focal, positive).mul_(torch.addcmul(focal.pos_offset, y, focal.pos_slope, out=losses))
     _modulation(s, log_s, focal, negative).mul_(torch.addcmul(focal.neg_offset, y, focal.neg_slope, out=losses))
-    torch.mul(positive, log_s, out=losses).addcmul_(negative, log_q)
+    # u = A log s and v = B log q, in place of the logs; l = u + v.
+    torch.add(log_s.mul_(positive), log_q.mul_(negative), out=losses)
     sums = column_sums(_weigh_and_mask_(losses, weights, mask, keep))
     if grad is not None:
-        positive.mul_(torch.addcmul(q, log_s.mul_(s), focal.gamma, value=-1.0, out=log_s))
-        negative.mul_(torch.addcmul(s, log_q.mul_(q), focal.gamma, value=-1.0, out=log_q))
-        _weigh_and_mask_(torch.sub(positive, negative, out=grad), weights, mask, keep)
+        # A (q - g s log s) - B (s - g q log q) = (A q - B s) - g (s u - q v)
+        positive.mul_(q).addcmul_(negative, s, value=-1.0)
+        log_s.mul_(s).addcmul_(log_q, q, value=-1.0)
+        _weigh_and_mask_(torch.addcmul(positive, log_s, focal.gamma, value=-1.0, out=grad), weights, mask, keep)
     return sums
 
 
@@ -313,7 +315,7 @@ def _focal_sums(
         return column_sums(_weigh_and_mask_(positive * log_s + negative * log_q, weights, mask, keep)), None
     rows, width = x.shape
     height = max(1, min(rows, _FOCAL_BLOCK_ENTRIES // max(width, 1)))
-    buffers = [x.new_empty(height, width) for _ in range(6)]
+    buffers = list(x.new_empty(6, height, width).unbind(0))  # one allocation
     grad = torch.empty_like(x) if with_gradient else None
     sums: Optional[torch.Tensor] = None
     for start in range(0, rows, height):
