@@ -228,11 +228,12 @@ class Focal(NamedTuple):
         return Focal(gamma, pos_offset, pos_slope, neg_offset, neg_slope, self.power, floor)
 
 
-#: The focal kernel runs over blocks of rows of about this many entries: its seven working buffers
+#: The focal kernel runs over blocks of rows of about this many entries: its six working buffers
 #: then stay in the cache, and are allocated once per call. A fresh [B, T] buffer costs more than a
-#: multiply over it on the CPU (its pages are mapped on first touch), and the allocator hands the
-#: memory back between calls. Measured at B = 65536, T = 14: 2^16 to 2^18 alike, 1.3x faster than
-#: whole-block buffers; smaller blocks pay Python's cost per op, larger ones lose the cache.
+#: multiply over it on the CPU (its pages are mapped on first touch, and the allocator hands the
+#: memory back between calls). Measured at B = 65536, T = 14: 2^16 to 2^18 alike, 1.2x to 1.5x
+#: faster than whole-block buffers; smaller blocks pay Python's cost per op (some 30 per block),
+#: larger ones lose the cache.
 _FOCAL_BLOCK_ENTRIES = 1 << 17
 
 

@@ -5,6 +5,7 @@ its blocks of rows, and its two ways to raise a sigmoid to ``gamma`` (products f
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -253,3 +254,21 @@ def test_torch_compile_fullgraph_with_products():
     out["loss"].backward()
     torch.testing.assert_close(compiled_x.grad, eager_x.grad)
     torch._dynamo.reset()
+
+
+def test_a_replaced_gamma_buffer_takes_exponentials():
+    # torch.func.functional_call may hand the row another focal_gamma: the power read from the
+    # Tasks at construction no longer holds, and the kernel takes the exponentials of the buffer's.
+    x, y, weights, mask = _focal_batch()
+    loss = MultiTaskLoss(FOCAL_TASKS).double()
+    replaced = [
+        dataclasses.replace(task, focal_gamma=gamma) for task, gamma in zip(FOCAL_TASKS, (0.5, 0.0, 2.0), strict=True)
+    ]
+    expected = MultiTaskLoss(replaced).double()(x, y, weights, mask)
+    gamma = torch.tensor([0.5, 0.0, 2.0], **f64)
+    out = torch.func.functional_call(loss, {"kinds.0.focal_gamma": gamma}, (x, y, weights, mask))
+    for key in expected:
+        torch.testing.assert_close(out[key], expected[key])
+    assert loss.kinds[0]._focal_power == 2
+    moved = copy.deepcopy(loss).float()  # a cast keeps the power: the same Tasks, the same values
+    assert moved.kinds[0].focal_gamma is moved.kinds[0]._gamma_of_power
