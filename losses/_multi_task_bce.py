@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from losses import _input_checks as checks
 from losses._dtypes import as_block, as_dtype, compute_dtype, element_inputs
-from losses._fused_bce import MultiTaskBCE
+from losses._fused_bce import Focal, MultiTaskBCE
 
 
 def multi_task_bce(
@@ -91,7 +91,20 @@ def multi_task_bce(
     checks.check_multi_task_call(
         logits, labels, weights, mask, 0, scale, pos_weight=pos_weight, task_weight=task_weight, **options
     )
-    return unchecked_multi_task_bce(logits, labels, pos_weight, weights, mask, scale, task_weight, factor, **options)
+    return unchecked_multi_task_bce(
+        logits,
+        labels,
+        pos_weight,
+        weights,
+        mask,
+        scale,
+        task_weight,
+        factor,
+        focal_gamma=focal_gamma,
+        focal_alpha=focal_alpha,
+        label_smoothing=label_smoothing,
+        neg_sampling_rate=neg_sampling_rate,
+    )
 
 
 def unchecked_multi_task_bce(
@@ -108,8 +121,14 @@ def unchecked_multi_task_bce(
     focal_alpha: Optional[torch.Tensor] = None,
     label_smoothing: Optional[torch.Tensor] = None,
     neg_sampling_rate: Optional[torch.Tensor] = None,
+    focal_power: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`multi_task_bce` without its argument checks: for a caller that checked them once (the modules)."""
+    """:func:`multi_task_bce` without its argument checks: for a caller that checked them once (the modules).
+
+    ``focal_power`` ``k`` in {1, 2, 3}: the caller knows that every ``focal_gamma`` is 0 or ``k``
+    (a module, from its Tasks), and the focal modulations are then products, not exponentials
+    (0: any gamma).
+    """
     dtype = compute_dtype(logits.dtype)
     if task_weight is None:
         task_weight = torch.ones_like(pos_weight, dtype=dtype)
@@ -133,15 +152,20 @@ def unchecked_multi_task_bce(
         task_weight = as_dtype(task_weight, dtype)
         total = task_losses.new_zeros(()) if factor is None else (task_losses * task_weight).sum() * factor
         return task_losses, total
-    y, w = as_dtype(labels, dtype), None if weights is None else as_block(weights, dtype)
+    x, y, w = as_dtype(logits, dtype), as_dtype(labels, dtype), None if weights is None else as_block(weights, dtype)
     positive, focal = as_dtype(pos_weight, dtype), None
     # Tested here, not inside the helpers: plain BCE, the common case, then pays no call for them.
-    if label_smoothing is not None or neg_sampling_rate is not None:
-        y, w = _binary_targets(y, w, label_smoothing, neg_sampling_rate)
     if focal_gamma is not None or focal_alpha is not None:
-        positive, focal = _focal_factors(positive, focal_gamma, focal_alpha)
+        # The focal kernel smooths the labels in its own first pass over them (see Focal).
+        if neg_sampling_rate is not None:
+            y, w = _binary_targets(y, w, None, neg_sampling_rate)
+        focal = _focal_constants(positive, focal_gamma, focal_alpha, label_smoothing, focal_power)
+        if not torch.is_grad_enabled():
+            x = x.detach()  # the kernel forms the gradient only for logits that get one
+    elif label_smoothing is not None or neg_sampling_rate is not None:
+        y, w = _binary_targets(y, w, label_smoothing, neg_sampling_rate)
     result: tuple[torch.Tensor, torch.Tensor] = MultiTaskBCE.apply(  # type: ignore[no-untyped-call]
-        as_dtype(logits, dtype), y, w, mask, positive, scale, as_dtype(task_weight, dtype), factor, focal
+        x, y, w, mask, positive, scale, as_dtype(task_weight, dtype), factor, focal
     )
     return result
 
@@ -175,6 +199,38 @@ def _focal_factors(
     alpha = focal_alpha.to(pos_weight.dtype)
     without = alpha.isnan()  # a task without an alpha weighs both targets 1
     return pos_weight * torch.where(without, 1.0, alpha), (gamma, torch.where(without, 1.0, 1.0 - alpha))
+
+
+def _focal_constants(
+    pos_weight: torch.Tensor,
+    focal_gamma: Optional[torch.Tensor],
+    focal_alpha: Optional[torch.Tensor],
+    label_smoothing: Optional[torch.Tensor],
+    power: int,
+) -> Focal:
+    """The focal kernel's constants: its signed target weights, affine in the label as given (see ``Focal``).
+
+    With smoothing ``e``: ``-a1 y' = -a1 e / 2 - a1 (1 - e) y`` and ``-a0 (1 - y') = -a0 (1 - e / 2)
+    + a0 (1 - e) y``; without, ``-a1 y`` and ``-a0 + a0 y``, which is exactly 0 at ``y = 1``.
+    """
+    positive, factors = _focal_factors(pos_weight, focal_gamma, focal_alpha)
+    assert factors is not None
+    gamma, negative = factors
+    if label_smoothing is None:
+        pos_slope, pos_offset, neg_offset = positive.neg(), torch.zeros_like(positive), negative.neg()
+        neg_slope = negative
+    else:
+        smoothing = label_smoothing.to(positive.dtype)
+        kept = 1.0 - smoothing
+        pos_slope, pos_offset = positive * kept, positive * smoothing
+        pos_slope.neg_()
+        pos_offset.mul_(-0.5)
+        neg_slope, neg_offset = negative * kept, negative * (1.0 - 0.5 * smoothing)
+        neg_offset.neg_()
+    if not power:
+        return Focal(gamma, pos_offset, pos_slope, neg_offset, neg_slope)
+    floor = (gamma == 0).to(gamma.dtype)  # max(s, 1) ** k = 1 for the tasks without modulation
+    return Focal(gamma, pos_offset, pos_slope, neg_offset, neg_slope, power, floor)
 
 
 def multi_task_bce_elements(

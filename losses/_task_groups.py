@@ -180,6 +180,10 @@ def _vector(values: Sequence[float], default: float) -> Optional[list[float]]:
     return list(values)
 
 
+#: The gammas whose power is a product (torch's pow multiplies for 2 and 3), not an exponential.
+_PRODUCT_POWERS = {1.0, 2.0, 3.0}
+
+
 class BinaryTasks(TaskGroup):
     """Binary tasks: BCE with ``pos_weight``, label smoothing, focal modulation and negative sampling.
 
@@ -202,6 +206,13 @@ class BinaryTasks(TaskGroup):
         # NaN stands for "no alpha" (both targets weigh 1); see functional.multi_task_bce.
         alphas = [float("nan") if task.focal_alpha is None else task.focal_alpha for task in specs]
         self.register_option("focal_gamma", [task.focal_gamma for task in specs] if focal else None)
+        #: With every gamma 0 or one k in {1, 2, 3}, the focal modulations are products s^k, not
+        #: exponentials (see functional.unchecked_multi_task_bce); 0: exponentials. A focal row of
+        #: alphas alone takes k = 1 (every task's modulation then exactly 1).
+        gammas = {task.focal_gamma for task in specs} - {0.0}
+        self._focal_power = int(max(gammas, default=1.0)) if len(gammas) <= 1 and gammas <= _PRODUCT_POWERS else 0
+        #: The buffer that power was read from: a replacement (torch.func.functional_call) takes exponentials.
+        self._gamma_of_power = self.focal_gamma
         self.register_option("focal_alpha", alphas if focal else None)
         self.register_option("label_smoothing", _vector([task.label_smoothing for task in specs], 0.0))
         self.register_option("neg_sampling_rate", _vector([task.neg_sampling_rate for task in specs], 1.0))
@@ -216,6 +227,11 @@ class BinaryTasks(TaskGroup):
 
     def extra_repr(self) -> str:
         return f"tasks={len(self.positions)}, kernel={'focal' if self.focal_gamma is not None else 'plain'}"
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> TaskGroup:
+        super()._apply(fn, recurse)
+        self._gamma_of_power = self.focal_gamma  # moved or cast, the same values
+        return self
 
     def _options(self, logits: torch.Tensor) -> dict[str, Optional[torch.Tensor]]:
         return {name: v.on_device_of(name, getattr(self, name), logits) for name in self._used}
@@ -243,7 +259,16 @@ class BinaryTasks(TaskGroup):
                 logits, labels, pos_weight, weights, mask, scale, task_weight, factor
             )
         return functional.unchecked_multi_task_bce(
-            logits, labels, pos_weight, weights, mask, scale, task_weight, factor, **self._options(logits)
+            logits,
+            labels,
+            pos_weight,
+            weights,
+            mask,
+            scale,
+            task_weight,
+            factor,
+            focal_power=self._focal_power if self.focal_gamma is self._gamma_of_power else 0,
+            **self._options(logits),
         )
 
     def check_values(self, inputs: Inputs) -> None:
