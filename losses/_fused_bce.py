@@ -9,6 +9,7 @@ gradient in place. That is what brings the loss within 2x of a single unweighted
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple, Optional, Union
 
 import torch
@@ -197,6 +198,97 @@ def _element_gradients(
     return grad if mask is None else torch.where(mask, grad, 0.0)
 
 
+#: Both kernels run over blocks of rows of about this many entries, with working buffers of the
+#: block's shape allocated once per call: they stay in the cache, and the step allocates one fresh
+#: ``[B, T]`` buffer (the gradient) instead of one per pass. On the CPU a fresh ``[B, T]`` buffer can
+#: cost more than a multiply over it: its pages are mapped on first touch, and glibc's allocator
+#: hands large blocks back between calls. Measured on the focal kernel at B = 65536, T = 14: 2^16 to
+#: 2^18 alike, 1.2x to 1.5x faster than whole-block buffers; smaller blocks pay Python's cost per
+#: op, larger ones lose the cache.
+_BLOCK_ENTRIES = 1 << 17
+#: The plain kernel runs in blocks from this many entries. It makes few passes, so for smaller
+#: blocks the Python cost of the blocks (and of forming the gradient in the forward) outweighs the
+#: buffers saved: at B = 512 it measured up to 1.5x slower. Forward and backward with a mask against
+#: the whole-block kernel, CPU time on one thread: 1.2x to 1.8x faster at 2^18 entries (4096 x 64,
+#: 65536 x 4) but no faster in wall time on two threads; 1.7x to 2.7x faster at 2^20 and 2^22
+#: (65536 x 16 and x 64), and faster on two threads too.
+_BLOCKED_ENTRIES = 1 << 19
+
+Blocks = Iterator[tuple[torch.Tensor, torch.Tensor, list[Optional[torch.Tensor]], list[torch.Tensor]]]
+
+
+def _row_blocks(x: torch.Tensor, y: torch.Tensor, operands: Sequence[Optional[torch.Tensor]], buffers: int) -> Blocks:
+    """``(x, y, operands, scratch)`` block by block of rows (:data:`_BLOCK_ENTRIES`); ``None`` operands stay ``None``.
+
+    The operands have ``x``'s rows (``[B, T]`` or ``[B, 1]``); ``scratch`` holds ``buffers`` buffers
+    of the block's shape, from one allocation. Each operand is split once, which is cheaper than
+    slicing it per block.
+    """
+    rows, width = x.shape
+    height = max(1, min(rows, _BLOCK_ENTRIES // max(width, 1)))
+    scratch = list(x.new_empty(buffers, height, width).unbind(0))
+    parts = [None if tensor is None else torch.split(tensor, height) for tensor in operands]
+    for index, (x_block, y_block) in enumerate(zip(torch.split(x, height), torch.split(y, height), strict=True)):
+        size = x_block.shape[0]
+        others = [None if split is None else split[index] for split in parts]
+        yield x_block, y_block, others, (scratch if size == height else [buffer[:size] for buffer in scratch])
+
+
+def _keep_bits_into(mask: Optional[torch.Tensor], buffer: torch.Tensor) -> Optional[torch.Tensor]:
+    """:func:`keep_bits` of ``mask`` written over ``buffer`` (a spent working buffer of the mask's shape)."""
+    if mask is None or buffer.dtype not in _BITS:
+        return None
+    return torch.mul(mask.view(torch.int8), -1, out=buffer.view(_BITS[buffer.dtype]))
+
+
+def _plain_block(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    pos_weight: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    grad: Optional[torch.Tensor],
+    buffers: list[torch.Tensor],
+) -> torch.Tensor:
+    """Column sums of a block's element losses (as :func:`_element_losses`), and their gradient into ``grad``.
+
+    The gradient, ``(1 + (p - 1) y) sigmoid(x) - p y`` (torch's own form), reuses the loss's first
+    pass; it is weighed and masked as the losses are, and the backward only scales it per task.
+    The mask's bits are written over the first buffer once it is spent.
+    """
+    weighted, losses = buffers
+    ones = torch.ones_like(pos_weight)
+    torch.addcmul(ones, y, pos_weight - ones, out=weighted)
+    if grad is not None:
+        torch.sigmoid(x, out=grad).mul_(weighted).addcmul_(y, pos_weight, value=-1.0)
+    torch._C._nn.softplus(x, -1.0, 50.0, out=losses)  # type: ignore[call-arg]  # _log_sigmoid, into the buffer
+    weighted.mul_(losses)
+    torch.sub(ones, y, out=losses).mul_(x).sub_(weighted)
+    keep = _keep_bits_into(mask, weighted)
+    sums = column_sums(_weigh_and_mask_(losses, weights, mask, keep))
+    if grad is not None:
+        _weigh_and_mask_(grad, weights, mask, keep)
+    return sums
+
+
+def _plain_sums(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    pos_weight: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    grad: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Column sums of the element losses block by block, and their gradient into ``grad`` (``[B, T]``, when given)."""
+    sums: Optional[torch.Tensor] = None
+    for x_block, y_block, (weights_block, mask_block, grad_block), scratch in _row_blocks(
+        x, y, (weights, mask, grad), 2
+    ):
+        part = _plain_block(x_block, y_block, pos_weight, weights_block, mask_block, grad_block, scratch)
+        sums = part if sums is None else sums.add_(part)
+    return x.new_zeros(x.shape[1]) if sums is None else sums
+
+
 class Focal(NamedTuple):
     r"""The focal kernel's per-task constants, ``[T]`` vectors in the compute dtype.
 
@@ -226,15 +318,6 @@ class Focal(NamedTuple):
         gamma, pos_offset, pos_slope, neg_offset, neg_slope = (_tiled(vector, rows) for vector in self[:5])
         floor = None if self.floor is None else _tiled(self.floor, rows)
         return Focal(gamma, pos_offset, pos_slope, neg_offset, neg_slope, self.power, floor)
-
-
-#: The focal kernel runs over blocks of rows of about this many entries: its six working buffers
-#: then stay in the cache, and are allocated once per call. A fresh [B, T] buffer costs more than a
-#: multiply over it on the CPU (its pages are mapped on first touch, and the allocator hands the
-#: memory back between calls). Measured at B = 65536, T = 14: 2^16 to 2^18 alike, 1.2x to 1.5x
-#: faster than whole-block buffers; smaller blocks pay Python's cost per op (some 30 per block),
-#: larger ones lose the cache.
-_FOCAL_BLOCK_ENTRIES = 1 << 17
 
 
 def _modulation(p: torch.Tensor, log_p: torch.Tensor, focal: Focal, out: torch.Tensor) -> torch.Tensor:
@@ -306,7 +389,7 @@ def _focal_sums(
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Column sums of the focal element losses, and (``with_gradient``) their gradient ``[B, T]``.
 
-    Block by block of rows (:data:`_FOCAL_BLOCK_ENTRIES`) through :func:`_focal_block`. Under
+    Block by block of rows (:data:`_BLOCK_ENTRIES`) through :func:`_focal_block`. Under
     ``torch.compile`` the losses as one expression, which the compiler fuses, and no gradient.
     """
     if torch.compiler.is_compiling():
@@ -314,22 +397,14 @@ def _focal_sums(
         positive = torch.exp(focal.gamma * log_q) * (focal.pos_offset + focal.pos_slope * y)
         negative = torch.exp(focal.gamma * log_s) * (focal.neg_offset + focal.neg_slope * y)
         return column_sums(_weigh_and_mask_(positive * log_s + negative * log_q, weights, mask, keep)), None
-    rows, width = x.shape
-    height = max(1, min(rows, _FOCAL_BLOCK_ENTRIES // max(width, 1)))
-    buffers = list(x.new_empty(6, height, width).unbind(0))  # one allocation
     grad = torch.empty_like(x) if with_gradient else None
-    # The blocks of every [B, T] operand as views, one split each (cheaper than slicing per block).
-    optional = [None if tensor is None else torch.split(tensor, height) for tensor in (weights, mask, keep, grad)]
     sums: Optional[torch.Tensor] = None
-    for index, (x_block, y_block) in enumerate(zip(torch.split(x, height), torch.split(y, height), strict=True)):
-        weights_block, mask_block, keep_block, grad_block = (
-            None if parts is None else parts[index] for parts in optional
-        )
-        size = x_block.shape[0]
-        scratch = buffers if size == height else [buffer[:size] for buffer in buffers]
+    for x_block, y_block, (weights_block, mask_block, keep_block, grad_block), scratch in _row_blocks(
+        x, y, (weights, mask, keep, grad), 6
+    ):
         part = _focal_block(x_block, y_block, focal, weights_block, mask_block, keep_block, grad_block, scratch)
         sums = part if sums is None else sums.add_(part)
-    return (x.new_zeros(width) if sums is None else sums), grad
+    return (x.new_zeros(x.shape[1]) if sums is None else sums), grad
 
 
 def _focal_element_gradients(
@@ -373,8 +448,8 @@ class MultiTaskBCE(torch.autograd.Function):
 
     ``focal`` chooses the kernel, once, where the loss is built: ``None`` for plain BCE (the fast
     one; ``pos_weight`` is then the positive weight), or the :class:`Focal` constants for the focal
-    kernel, which take the place of ``pos_weight``. The focal kernel forms the gradient in the
-    forward, from the same passes, and the first backward scales it in place; a second one
+    kernel, which take the place of ``pos_weight``. Both kernels form the gradient in the forward,
+    from the same passes, and the first backward scales it in place; a second one
     (``retain_graph=True``) forms it again.
     """
 
@@ -404,12 +479,26 @@ class MultiTaskBCE(torch.autograd.Function):
             mask = None if mask is None else mask.view(x.shape)
             pos_weight = _tiled(pos_weight, rows)
             focal = None if focal is None else focal.tiled(rows)
-        keep = keep_bits(mask, x.dtype)
-        if focal is None:
-            task_losses = column_sums(_element_losses(x, y, pos_weight, weights, mask, keep))
-        else:  # sums its losses block by block, and forms the gradient (not under torch.compile)
-            with_gradient = ctx.needs_input_grad[0] and not torch.compiler.is_compiling()
-            task_losses, ctx.focal_gradient = _focal_sums(x, y, focal, weights, mask, keep, with_gradient)
+        # Both kernels sum their losses block by block and form the gradient in the same passes,
+        # kept for the backward. The plain kernel does so from _BLOCKED_ENTRIES entries; below, and
+        # under torch.compile (which fuses its own loops) and torch.jit.trace (whose sizes are
+        # tensors), it runs over the whole block and leaves the gradient to the backward, as the
+        # focal one leaves it under torch.compile.
+        # (The size last: under torch.jit.trace it is a tensor, which a comparison would freeze.)
+        whole = (
+            torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None or x.numel() < _BLOCKED_ENTRIES
+        )
+        with_gradient = ctx.needs_input_grad[0] and not torch.compiler.is_compiling()
+        keep = None
+        if focal is None and not whole:
+            ctx.saved_gradient = torch.empty_like(x) if with_gradient else None
+            task_losses = _plain_sums(x, y, pos_weight, weights, mask, ctx.saved_gradient)
+        elif focal is None:
+            keep = keep_bits(mask, x.dtype)
+            task_losses, ctx.saved_gradient = column_sums(_element_losses(x, y, pos_weight, weights, mask, keep)), None
+        else:
+            keep = keep_bits(mask, x.dtype)
+            task_losses, ctx.saved_gradient = _focal_sums(x, y, focal, weights, mask, keep, with_gradient)
         if rows > 1:
             task_losses = task_losses.view(rows, shape[1]).sum(0)
         if scale is not None:
@@ -425,6 +514,7 @@ class MultiTaskBCE(torch.autograd.Function):
         # Constants of the loss (buffers), kept on ctx: saving them too would cost the plain kernel
         # a little on every backward.
         ctx.focal = focal
+        ctx.blocked = focal is None and not whole
         ctx.tile = (rows, shape)
         ctx.scale = None if scale_tensor is not None else scale
         ctx.factor = factor
@@ -465,11 +555,17 @@ class MultiTaskBCE(torch.autograd.Function):
         rows, shape = ctx.tile
         if rows > 1:
             upstream = _tiled(upstream, rows)
-        if focal is None:
-            grad = _element_gradients(x, y, pos_weight, weights, mask, keep, upstream)
-        else:
-            saved, ctx.focal_gradient = ctx.focal_gradient, None  # scaled in place: good for one backward
+        saved, ctx.saved_gradient = ctx.saved_gradient, None  # scaled in place: good for one backward
+        if focal is not None:
             grad = _focal_element_gradients(x, y, focal, weights, mask, keep, upstream, saved)
+        elif saved is not None and not torch.is_grad_enabled():
+            grad = saved.mul_(upstream)
+        elif ctx.blocked and not torch.is_grad_enabled():  # a second backward: formed again as the first was
+            grad = torch.empty_like(x)
+            _plain_sums(x, y, pos_weight, weights, mask, grad)
+            grad.mul_(upstream)
+        else:  # the whole-block kernel, and create_graph (double backward), out of place for autograd to follow
+            grad = _element_gradients(x, y, pos_weight, weights, mask, keep, upstream)
         if rows > 1:
             grad = grad.view(shape)
         return grad, None, None, None, None, None, None, None, None

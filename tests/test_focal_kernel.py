@@ -84,7 +84,7 @@ def test_float64_blocks_with_weights_and_a_mask_match_the_formula(power):
     y = (torch.rand(batch, tasks, generator=gen) < 0.2).double()
     weights = torch.rand(batch, tasks, generator=gen, **f64) + 0.5
     mask = torch.rand(batch, tasks, generator=gen) < 0.8
-    assert batch * tasks > fused._FOCAL_BLOCK_ENTRIES
+    assert batch * tasks > fused._BLOCK_ENTRIES
     gamma = torch.tensor([0.0, 2.0] * (tasks // 2), **f64)
     if power == 0:
         gamma[1] = 0.5
