@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from losses import MultiTaskLoss, Task, functional
 from losses import _fused_bce as fused
+from tests.compiled import assert_compiled_matches_eager
 
 f64 = {"dtype": torch.float64}
 #: Logits where the terms of the loss under- or overflow, round to 0 or 1, or cancel.
@@ -245,14 +246,7 @@ def test_torch_compile_fullgraph_with_products():
     loss = MultiTaskLoss(FOCAL_TASKS)
     torch._dynamo.reset()
     compiled = torch.compile(loss, fullgraph=True)
-    eager_x, compiled_x = x.float().requires_grad_(), x.float().requires_grad_()
-    eager = loss(eager_x, y.float(), weights.float(), mask)
-    out = compiled(compiled_x, y.float(), weights.float(), mask)
-    for key in eager:
-        torch.testing.assert_close(out[key], eager[key], msg=key)
-    eager["loss"].backward()
-    out["loss"].backward()
-    torch.testing.assert_close(compiled_x.grad, eager_x.grad)
+    assert_compiled_matches_eager(loss, compiled, x.float(), y.float(), weights.float(), mask)
     torch._dynamo.reset()
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from losses import MultiTaskLoss, Task, UncertaintyWeighting, build_multi_task_loss, functional
+from tests.compiled import assert_compiled_matches_eager
 
 REDUCE = {"mean": torch.mean, "sum": torch.sum, "min": torch.min, "max": torch.max, "median": torch.median}
 
@@ -635,14 +636,7 @@ def test_torch_compile_fullgraph_of_a_mixed_block():
     torch._dynamo.reset()
     compiled = torch.compile(loss, fullgraph=True)
     for use_mask in (mask, None):
-        eager_x, compiled_x = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-        eager = loss(eager_x, labels.float(), weights, use_mask)
-        out = compiled(compiled_x, labels.float(), weights, use_mask)
-        for key in eager:
-            torch.testing.assert_close(out[key], eager[key], msg=key)
-        eager["loss"].backward()
-        out["loss"].backward()
-        torch.testing.assert_close(compiled_x.grad, eager_x.grad)
+        assert_compiled_matches_eager(loss, compiled, logits, labels.float(), weights, use_mask)
     torch._dynamo.reset()
 
 
