@@ -208,11 +208,12 @@ def _element_gradients(
 _BLOCK_ENTRIES = 1 << 17
 #: The plain kernel runs in blocks from this many entries. It makes few passes, so for smaller
 #: blocks the Python cost of the blocks (and of forming the gradient in the forward) outweighs the
-#: buffers saved: at B = 512 it measured up to 1.5x slower. Forward and backward with a mask against
-#: the whole-block kernel, CPU time on one thread: 1.2x to 1.8x faster at 2^18 entries (4096 x 64,
-#: 65536 x 4) but no faster in wall time on two threads; 1.7x to 2.7x faster at 2^20 and 2^22
-#: (65536 x 16 and x 64), and faster on two threads too.
-_BLOCKED_ENTRIES = 1 << 19
+#: buffers saved: at B = 512 it measured up to 1.5x slower. With a mask, against the whole-block
+#: kernel: at 2^22 entries (65536 x 64) faster in every measurement (1.7x to 2.7x in CPU time on one
+#: thread, 1.2x to 1.7x in wall time on two); at 2^18 and 2^20 entries faster on one thread but, on
+#: two, as fast or slower depending on how warm glibc keeps its heap (the whole-block kernel is
+#: slowed by page faults only when glibc has handed its buffers back).
+_BLOCKED_ENTRIES = 1 << 21
 
 Blocks = Iterator[tuple[torch.Tensor, torch.Tensor, list[Optional[torch.Tensor]], list[torch.Tensor]]]
 

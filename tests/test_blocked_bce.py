@@ -133,8 +133,8 @@ def test_no_gradient_is_formed_without_grad(small_blocks):
 
 
 def test_real_block_sizes_match_torch():
-    """At the real sizes: 2^19 entries in four blocks of 2^17, float32, a mask with NaN labels."""
-    batch, tasks = 32768, 16
+    """At the real sizes: 2^21 entries in sixteen blocks of 2^17, float32, a mask with NaN labels."""
+    batch, tasks = 32768, 64
     assert batch * tasks >= fused._BLOCKED_ENTRIES
     assert batch * tasks > fused._BLOCK_ENTRIES
     x, y, weights, mask, pos_weight = _inputs(batch, tasks, torch.float32, seed=5)
