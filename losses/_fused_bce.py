@@ -142,6 +142,41 @@ def _weigh_and_mask_(
     return block
 
 
+def _losses_into(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    constants: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    weighted: torch.Tensor,
+    losses: torch.Tensor,
+    grad: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The element losses, unweighted, into ``losses``; with ``grad``, their gradient into it. ``weighted`` is spent.
+
+    ``constants`` is ``(p, 1, p - 1)`` (:func:`_constants`). The gradient, ``(1 + (p - 1) y)
+    sigmoid(x) - p y`` (torch's own form), reuses the losses' first pass.
+    """
+    # l = (1 - y) x - (1 + (p - 1) y) log sigmoid(x), in torch's order of operations, so that
+    # infinite and huge logits give torch's values: (1 - y) x is a product, never x - y x (at
+    # x = +inf, y = 0 that is inf - 0 * inf = NaN where torch gives inf), and the weight
+    # multiplies log sigmoid(x) whole, each product rounded on its own (splitting the weight,
+    # or a fused multiply-add, leaves 1e22 where torch's terms cancel to 0 at x = -1e30).
+    # `weighted` holds 1 + (p - 1) y, then that times log sigmoid(x); `losses` holds log sigmoid(x),
+    # then (1 - y) x, then the loss.
+    pos_weight, ones, pos_weight_less_one = constants
+    torch.addcmul(ones, y, pos_weight_less_one, out=weighted)
+    if grad is not None:
+        torch.sigmoid(x, out=grad).mul_(weighted).addcmul_(y, pos_weight, value=-1.0)
+    torch._C._nn.softplus(x, -1.0, 50.0, out=losses)  # type: ignore[call-arg]  # _log_sigmoid, into the buffer
+    weighted.mul_(losses)
+    return torch.sub(ones, y, out=losses).mul_(x).sub_(weighted)
+
+
+def _constants(pos_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(p, 1, p - 1)``: the per-task vectors of :func:`_losses_into`, made once per call."""
+    ones = torch.ones_like(pos_weight)
+    return pos_weight, ones, pos_weight - ones
+
+
 def _element_losses(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -150,28 +185,17 @@ def _element_losses(
     mask: Optional[torch.Tensor],
     keep: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    # l = (1 - y) x - (1 + (p - 1) y) log sigmoid(x), in torch's order of operations, so that
-    # infinite and huge logits give torch's values: (1 - y) x is a product, never x - y x (at
-    # x = +inf, y = 0 that is inf - 0 * inf = NaN where torch gives inf), and the weight
-    # multiplies log sigmoid(x) whole, each product rounded on its own (splitting the weight,
-    # or a fused multiply-add, leaves 1e22 where torch's terms cancel to 0 at x = -1e30).
-    # Two [B, T] buffers, written in place: `weighted` holds (1 + (p - 1) y) log sigmoid(x);
-    # `losses` holds log sigmoid(x), then (1 - y) x, then the loss.
+    # Two fresh [B, T] buffers, written in place by _losses_into (one is left).
     if torch.compiler.is_compiling():
         # The compiler fuses the expression into its kernels, so the count of passes does not
         # matter, and it rounds its own way anyway. The softplus form, (1 - y) softplus(x) -
-        # p y log sigmoid(x), keeps (1 - y) a factor (inf-safe as above) and lets the compiler
+        # p y log sigmoid(x), keeps (1 - y) a factor (inf-safe, see _losses_into) and lets the compiler
         # reuse log sigmoid(x) in the gradient's loop, which makes it as fast as before the
         # infinite-logit fix; tests check it against torch at infinite and huge logits too.
         log_sigmoid = _log_sigmoid(x)
         losses = (1.0 - y) * (x - log_sigmoid) - pos_weight * y * log_sigmoid
     else:
-        ones = torch.ones_like(pos_weight)
-        weighted = torch.addcmul(ones, y, pos_weight - ones)
-        losses = _log_sigmoid(x)
-        weighted.mul_(losses)
-        losses = torch.sub(ones, y, out=losses).mul_(x).sub_(weighted)
-        del weighted
+        losses = _losses_into(x, y, _constants(pos_weight), torch.empty_like(x), torch.empty_like(x))
     return _weigh_and_mask_(losses, weights, mask, keep)
 
 
@@ -245,26 +269,19 @@ def _keep_bits_into(mask: Optional[torch.Tensor], buffer: torch.Tensor) -> Optio
 def _plain_block(
     x: torch.Tensor,
     y: torch.Tensor,
-    pos_weight: torch.Tensor,
+    constants: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     weights: Optional[torch.Tensor],
     mask: Optional[torch.Tensor],
     grad: Optional[torch.Tensor],
     buffers: list[torch.Tensor],
 ) -> torch.Tensor:
-    """Column sums of a block's element losses (as :func:`_element_losses`), and their gradient into ``grad``.
+    """Column sums of a block's element losses (:func:`_losses_into`), and their gradient into ``grad``.
 
-    The gradient, ``(1 + (p - 1) y) sigmoid(x) - p y`` (torch's own form), reuses the loss's first
-    pass; it is weighed and masked as the losses are, and the backward only scales it per task.
-    The mask's bits are written over the first buffer once it is spent.
+    Losses and gradient are weighed and masked alike, so the backward only scales the gradient per
+    task. The mask's bits are written over the first buffer once it is spent.
     """
     weighted, losses = buffers
-    ones = torch.ones_like(pos_weight)
-    torch.addcmul(ones, y, pos_weight - ones, out=weighted)
-    if grad is not None:
-        torch.sigmoid(x, out=grad).mul_(weighted).addcmul_(y, pos_weight, value=-1.0)
-    torch._C._nn.softplus(x, -1.0, 50.0, out=losses)  # type: ignore[call-arg]  # _log_sigmoid, into the buffer
-    weighted.mul_(losses)
-    torch.sub(ones, y, out=losses).mul_(x).sub_(weighted)
+    _losses_into(x, y, constants, weighted, losses, grad)
     keep = _keep_bits_into(mask, weighted)
     sums = column_sums(_weigh_and_mask_(losses, weights, mask, keep))
     if grad is not None:
@@ -281,11 +298,11 @@ def _plain_sums(
     grad: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """Column sums of the element losses block by block, and their gradient into ``grad`` (``[B, T]``, when given)."""
-    sums: Optional[torch.Tensor] = None
+    constants, sums = _constants(pos_weight), None
     for x_block, y_block, (weights_block, mask_block, grad_block), scratch in _row_blocks(
         x, y, (weights, mask, grad), 2
     ):
-        part = _plain_block(x_block, y_block, pos_weight, weights_block, mask_block, grad_block, scratch)
+        part = _plain_block(x_block, y_block, constants, weights_block, mask_block, grad_block, scratch)
         sums = part if sums is None else sums.add_(part)
     return x.new_zeros(x.shape[1]) if sums is None else sums
 
