@@ -507,15 +507,15 @@ class MultiTaskBCE(torch.autograd.Function):
             torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None or x.numel() < _BLOCKED_ENTRIES
         )
         with_gradient = ctx.needs_input_grad[0] and not torch.compiler.is_compiling()
-        keep = None
-        if focal is None and not whole:
+        blocked = focal is None and not whole
+        # The blocked plain kernel writes the mask's bits per block; the others take them whole.
+        keep = None if blocked else keep_bits(mask, x.dtype)
+        if blocked:
             ctx.saved_gradient = torch.empty_like(x) if with_gradient else None
             task_losses = _plain_sums(x, y, pos_weight, weights, mask, ctx.saved_gradient)
         elif focal is None:
-            keep = keep_bits(mask, x.dtype)
             task_losses, ctx.saved_gradient = column_sums(_element_losses(x, y, pos_weight, weights, mask, keep)), None
         else:
-            keep = keep_bits(mask, x.dtype)
             task_losses, ctx.saved_gradient = _focal_sums(x, y, focal, weights, mask, keep, with_gradient)
         if rows > 1:
             task_losses = task_losses.view(rows, shape[1]).sum(0)
@@ -532,7 +532,7 @@ class MultiTaskBCE(torch.autograd.Function):
         # Constants of the loss (buffers), kept on ctx: saving them too would cost the plain kernel
         # a little on every backward.
         ctx.focal = focal
-        ctx.blocked = focal is None and not whole
+        ctx.blocked = blocked
         ctx.tile = (rows, shape)
         ctx.scale = None if scale_tensor is not None else scale
         ctx.factor = factor
