@@ -78,11 +78,12 @@ def per_column_sums(values: torch.Tensor, column: Optional[torch.Tensor], column
     return values.new_zeros(columns).index_add_(0, column, values)
 
 
-def flat_keys(groups: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The ``[R B]`` keys of the task-major entries: ``r S + g``, ``g`` a group id below ``S``, or a key of its own.
+def flat_keys(groups: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(keys, bound)``: the ``[R B]`` keys of the task-major entries, each below ``bound`` (at most ``2^31``).
 
+    A key is ``r S + g``, ``g`` a group id below ``S``, or a key of its own for a left-out entry.
     ``groups`` is ``[B]`` of any integer ids in any order; ``keep`` is the ``[B, R]`` bool of the
-    entries that take part. Keys are ordered by (column, group id) and stay below ``2^31``.
+    entries that take part. Keys are ordered by (column, group id).
     """
     batch, columns = keep.shape
     ids, span = _group_ids(groups, columns)
@@ -92,7 +93,7 @@ def flat_keys(groups: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     # An entry left out: a key above every grouped one, distinct for each entry.
     first = columns * span
     alone = torch.arange(first, first + columns * batch, device=groups.device).view(columns, batch)
-    return torch.where(keep.t(), grouped, alone).reshape(-1)
+    return torch.where(keep.t(), grouped, alone).reshape(-1), first + columns * batch
 
 
 def descending_code(values: torch.Tensor) -> torch.Tensor:
@@ -122,18 +123,23 @@ def sort_by_key_then_descending(keys: torch.Tensor, values: torch.Tensor) -> tup
     return packed, order
 
 
-def sort_runs(keys: torch.Tensor, labels: torch.Tensor, batch: int) -> Runs:
-    """Sort the entries by key, then by label from high to low (one sort), and describe the runs."""
-    n = keys.numel()
-    # Row 0 the key, row 1 the packed (key, label) value of each sorted position, written in place.
-    sorted_keys, order = keys.new_empty((2, n)), keys.new_empty(n)
-    torch.sort(_packed(keys, labels), stable=True, out=(sorted_keys[1], order))
-    torch.index_select(keys, 0, order, out=sorted_keys[0])
-    # A run starts where the key changes, a tie where the packed value does (and both at position 0).
-    # The latest start at or before each position is where the running maximum of the marks was last
-    # reached: cummax gives the last index of equal maxima (its kernels compare with >=; the pair
-    # tests would fail otherwise), so both rows need one scan and no marked positions.
-    start, tie_start = torch.cummax(_changes(sorted_keys, first=True), 1).indices.unbind()
+def _binary(labels: torch.Tensor, keep: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``labels != 1`` (bool) when every kept label is 0 or 1, else ``None``; always ``None`` off the CPU.
+
+    Reading the answer waits for the device, which a CPU tensor does not: elsewhere the general path
+    runs, with the same runs and pairs.
+    """
+    if labels.device.type != "cpu":
+        return None
+    negative = labels != 1
+    odd = negative.logical_and(labels != 0)
+    if bool((odd if keep is None else odd.logical_and_(keep)).any()):
+        return None
+    return negative
+
+
+def _runs(order: torch.Tensor, start: torch.Tensor, tie_start: torch.Tensor, batch: int) -> Runs:
+    n = order.numel()
     return Runs(
         order=order,
         start=start,
@@ -142,6 +148,76 @@ def sort_runs(keys: torch.Tensor, labels: torch.Tensor, batch: int) -> Runs:
         # An empty batch keeps its (empty) columns: one column is no column only with rows.
         column=None if n == batch > 0 else torch.div(order, max(batch, 1), rounding_mode="floor"),
     )
+
+
+def sort_runs(
+    keys: torch.Tensor, labels: torch.Tensor, batch: int, keep: Optional[torch.Tensor] = None, bound: int = _KEYS
+) -> Runs:
+    """Sort the entries by key, then by label from high to low (one sort), and describe the runs.
+
+    ``keep`` marks the entries whose labels count (``None``: all); ``bound`` is above every key. With
+    labels 0 and 1 (on the CPU) and keys below ``2^30``, the label is one bit under the key and the
+    sort an int32 one: torch's radix sort makes as many passes as the dtype has bytes, half of int64's.
+    """
+    n = keys.numel()
+    negative = _binary(labels, keep) if 2 * bound <= 2**31 else None
+    # Row 0 the key, row 1 the packed (key, label) value of each sorted position, written in place.
+    order = keys.new_empty(n)
+    if negative is not None:
+        marks = keys.new_empty((2, n), dtype=torch.int32)
+        torch.sort(torch.add(negative, keys, alpha=2).to(torch.int32), stable=True, out=(marks[1], order))
+        torch.bitwise_right_shift(marks[1], 1, out=marks[0])
+    else:
+        marks = keys.new_empty((2, n))
+        torch.sort(_packed(keys, labels), stable=True, out=(marks[1], order))
+        torch.index_select(keys, 0, order, out=marks[0])
+    # A run starts where the key changes, a tie where the packed value does (and both at position 0).
+    # The latest start at or before each position is where the running maximum of the marks was last
+    # reached: cummax gives the last index of equal maxima (its kernels compare with >=; the pair
+    # tests would fail otherwise), so both rows need one scan and no marked positions.
+    start, tie_start = torch.cummax(_changes(marks, first=True), 1).indices.unbind()
+    return _runs(order, start, tie_start, batch)
+
+
+def sort_runs_and_by_value(
+    keys: torch.Tensor,
+    labels: torch.Tensor,
+    values: torch.Tensor,
+    batch: int,
+    keep: Optional[torch.Tensor] = None,
+    bound: int = _KEYS,
+) -> tuple[Runs, torch.Tensor]:
+    """:func:`sort_runs`, and the entries sorted by key then by value from high to low (ties in entry order).
+
+    The second is :func:`sort_by_key_then_descending`'s order: a run holds the same sorted positions
+    in both orders, so the ``k``-th position of a run by value is its entry of rank ``k``. With labels
+    0 and 1 (on the CPU) one sort gives both: the runs sorted by value are split stably into their
+    1s, then their 0s, by counts (a few scans of ``N``, against a second ``N log N`` sort); inside a
+    label tie the entries are then in value order rather than entry order, which no term reads.
+    """
+    negative = _binary(labels, keep)
+    if negative is None:
+        return sort_runs(keys, labels, batch, keep, bound), sort_by_key_then_descending(keys, values)[1]
+    packed, by_value = sort_by_key_then_descending(keys, values)
+    # packed = key 2^32 + code, code in [-2^31, 2^31): the key is the top half once the code is shifted up.
+    sorted_keys = packed.add_(2**31).bitwise_right_shift_(32)
+    start = torch.cummax(_changes(sorted_keys, first=True), 0).indices
+    # Counts in int32 from here: its elementwise ops run several times faster than int64's on the CPU.
+    first = start.to(torch.int32)
+    rank = torch.arange(start.numel(), dtype=torch.int32, device=start.device).sub_(first)  # in the run, by value
+    is_one = negative.index_select(0, by_value).logical_not_()
+    one = is_one.to(torch.int32)
+    # The 1s before each position in its run, and the 1s of its run (summed at the run's start, read back).
+    before = torch.cumsum(one, 0, dtype=torch.int32).sub_(one)
+    before.sub_(before.index_select(0, start))
+    ones = torch.zeros_like(one).index_add_(0, start, one).index_select(0, start)
+    # A run's 0s take its positions from ``ones`` on: each has ``ones`` entries of a higher label before it.
+    higher = ones * (rank >= ones)
+    # Label order: the run's 1s at its first positions in value order, then its 0s in value order.
+    within = torch.where(is_one, before, rank.sub_(before).add_(ones)).add_(first)
+    order = torch.empty_like(by_value).scatter_(0, within.to(torch.int64), by_value)
+    tie_start = higher.add_(first).to(torch.int64)
+    return _runs(order, start, tie_start, batch), by_value
 
 
 def pairs(runs: Runs) -> tuple[torch.Tensor, torch.Tensor]:

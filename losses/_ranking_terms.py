@@ -17,6 +17,7 @@ from torch import nn
 
 from losses import _validation as v
 from losses import functional
+from losses._column_fork import fork_columns
 from losses._input_checks import check_groups
 from losses.ranking_losses import unchecked_ranking_sums
 from losses.task import RANKINGS, Task
@@ -59,6 +60,14 @@ class RankingTerms(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{kind}={count}" for kind, count in self.kinds)
 
+    def fork(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, columns)``: the logits for the pointwise terms, and the ranked tasks' ``[B, R]`` for :meth:`sums`.
+
+        Through :func:`~losses._column_fork.fork_columns`: both gradients meet in one ``[B, C]`` buffer.
+        """
+        span = None if self._spans is None else (self._spans[1], len(self.names))
+        return fork_columns(logits, span, v.on_device_of("logit_columns", self.logit_columns, logits))
+
     def sums(
         self,
         logits: torch.Tensor,
@@ -68,6 +77,9 @@ class RankingTerms(nn.Module):
         groups: Optional[torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each ranked task's weighted sum and count of pairs (or lists), ``[R]`` each, in :attr:`names` order.
+
+        ``logits`` are the ranked tasks' columns, ``[B, R]`` (from :meth:`fork`); the other inputs are
+        the module's, ``[B, T]`` (weights also ``[B]``).
 
         Under ``torch.compile`` this runs eagerly, outside the graph (one graph break; ``fullgraph=True``
         refuses it): the number of pairs sizes tensors, and the segment sums of a few columns are
@@ -88,7 +100,7 @@ class RankingTerms(nn.Module):
         if logits.device.type == "meta":  # shape inference: the pair count has no value to read
             empty = logits.new_zeros(len(self.names), dtype=functional.compute_dtype(logits.dtype))
             return empty, empty
-        x, y, w, m = self._columns(logits, labels, weights, mask)
+        x, (y, w, m) = logits, self._columns(labels, weights, mask)
         if len(self.kinds) == 1:
             return unchecked_ranking_sums(x, y, groups, w, m, self.kinds[0][0])
         parts, start = [], 0
@@ -108,26 +120,20 @@ class RankingTerms(nn.Module):
         return torch.cat([s for s, _ in parts]), torch.cat([c for _, c in parts])
 
     def _columns(
-        self,
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        weights: Optional[torch.Tensor],
-        mask: Optional[torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """The ranked tasks' columns of logits, labels, weights and mask, ``[B, R]`` each."""
+        self, labels: torch.Tensor, weights: Optional[torch.Tensor], mask: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """The ranked tasks' columns of labels, weights and mask, ``[B, R]`` each."""
         # Weights [B] are shared by every task; [B, T] give each task its column.
         shared = weights is None or weights.ndim == 1
         if self._spans is not None:
-            task, column, count = *self._spans, len(self.names)
+            task, count = self._spans[0], len(self.names)
             return (
-                logits.narrow(1, column, count),
                 labels.narrow(1, task, count),
                 weights if shared else weights.narrow(1, task, count),  # type: ignore[union-attr]
                 None if mask is None else mask.narrow(1, task, count),
             )
-        positions = v.on_device_of("positions", self.positions, logits)
+        positions = v.on_device_of("positions", self.positions, labels)
         return (
-            logits.index_select(1, v.on_device_of("logit_columns", self.logit_columns, logits)),
             labels.index_select(1, positions),
             weights if shared else weights.index_select(1, positions),  # type: ignore[union-attr]
             None if mask is None else mask.index_select(1, positions),

@@ -398,7 +398,10 @@ class MultiTaskLoss(distributed.HoldsProcessGroup, nn.Module):
     ) -> dict[str, torch.Tensor]:
         pos_weight, task_weight = self.pos_weight, self.task_weight  # each a module attribute lookup: once
         self._check_shapes(logits, labels, weights, mask, pos_weight, task_weight)
-        ranking = None if self.ranking is None else self.ranking.sums(logits, labels, weights, mask, group_ids)
+        ranking = None
+        if self.ranking is not None:
+            logits, ranked = self.ranking.fork(logits)
+            ranking = self.ranking.sums(ranked, labels, weights, mask, group_ids)
         pos_weight = v.on_device_of("pos_weight", pos_weight, logits)
         task_weight = v.on_device_of("task_weight", task_weight, logits)
         if self._one_plain_task and mask is None and (self.normalize == "local" or not distributed.is_distributed()):

@@ -55,8 +55,10 @@ class Ragged(NamedTuple):
     labels: torch.Tensor  #: ``[N]``, anything where left out
     weights: Optional[torch.Tensor]  #: ``[N]``, anything where left out; ``None``: all 1
     keep: torch.Tensor  #: ``[N]`` bool, the entries that take part
-    keys: torch.Tensor  #: ``[N]`` flat keys, for a second sort
     runs: _ragged.Runs
+    #: ``[N]``: the entries sorted by key, then by logit from high to low (ties in entry order), for a
+    #: row that reads ranks by logit (:attr:`Ranking.by_logit`); else ``None``
+    by_logit: Optional[torch.Tensor]
     columns: int
 
 
@@ -77,7 +79,8 @@ def _ndcg_rows(ragged: Ragged) -> torch.Tensor:
     log_ranks = torch.arange(2, n + 2, dtype=x.dtype, device=x.device).sub_(runs.start).log2_()
     # The same keys sorted by logit put every run at the same sorted positions, so the entry at the
     # k-th position by logit has the discount of position k: no rank needs computing or gathering.
-    _, by_logit = _ragged.sort_by_key_then_descending(ragged.keys, x)
+    by_logit = ragged.by_logit
+    assert by_logit is not None
     by_entry = x.new_empty((3 if w is None else 4, n))
     by_entry[0], by_entry[1] = x, ragged.labels  # the labels become gains below: |delta NDCG| is a detached weight
     by_entry[2].scatter_(0, by_logit, log_ranks.reciprocal())
@@ -162,12 +165,19 @@ def _softmax_plain(ragged: Ragged) -> Sums:
     )
 
 
-#: The table of ranking kinds: a row maps a batch's sorted runs to per-column sums and counts.
-RANKINGS: dict[str, Callable[[Ragged], Sums]] = {
-    "pairwise_logistic": partial(_pair_term, pair_loss="logistic"),
-    "pairwise_hinge": partial(_pair_term, pair_loss="hinge"),
-    "softmax": _softmax_term,
-    "lambda_ndcg": partial(_pair_term, pair_loss="logistic", ndcg=True),
+class Ranking(NamedTuple):
+    """A row of :data:`RANKINGS`."""
+
+    sums: Callable[[Ragged], Sums]  #: the batch's sorted runs to per-column sums and counts
+    by_logit: bool = False  #: whether it reads ranks by logit (:attr:`Ragged.by_logit`)
+
+
+#: The table of ranking kinds.
+RANKINGS: dict[str, Ranking] = {
+    "pairwise_logistic": Ranking(partial(_pair_term, pair_loss="logistic")),
+    "pairwise_hinge": Ranking(partial(_pair_term, pair_loss="hinge")),
+    "softmax": Ranking(_softmax_term),
+    "lambda_ndcg": Ranking(partial(_pair_term, pair_loss="logistic", ndcg=True), by_logit=True),
 }
 
 
@@ -184,7 +194,8 @@ def unchecked_ranking_sums(
     ``weights`` is ``[B, R]``, ``[B]`` or ``None``; ``mask`` is ``[B, R]`` or ``None``. Computed in
     float32 for half precision, else in the logits' dtype.
     """
-    return RANKINGS[kind](ragged_entries(logits, labels, groups, weights, mask))
+    row = RANKINGS[kind]
+    return row.sums(ragged_entries(logits, labels, groups, weights, mask, row.by_logit))
 
 
 def ragged_entries(
@@ -193,12 +204,13 @@ def ragged_entries(
     groups: torch.Tensor,
     weights: Optional[torch.Tensor],
     mask: Optional[torch.Tensor],
+    by_logit: bool = False,
 ) -> Ragged:
     """The ``[B, R]`` columns as flat entries and their sorted runs: what a row of :data:`RANKINGS` reads."""
     batch, columns = logits.shape
     dtype = compute_dtype(logits.dtype)
     keep = torch.ones_like(logits, dtype=torch.bool) if mask is None else mask.to(torch.bool)
-    keys = _ragged.flat_keys(groups, keep)
+    keys, bound = _ragged.flat_keys(groups, keep)
     flat_keep = keep.t().reshape(-1)
     # Left-out entries may hold anything (NaN included): each is a run of its own, in no pair.
     y = labels.t().reshape(-1).to(dtype)
@@ -206,8 +218,11 @@ def ragged_entries(
     if weights is not None:
         block = weights.unsqueeze(1).expand(batch, columns) if weights.ndim == 1 else weights
         w = block.t().reshape(-1).to(dtype)
-    runs = _ragged.sort_runs(keys, y, batch)
-    return Ragged(logits.t().reshape(-1).to(dtype), y, w, flat_keep, keys, runs, columns)
+    x = logits.t().reshape(-1).to(dtype)
+    if by_logit:
+        runs, by_logit_order = _ragged.sort_runs_and_by_value(keys, y, x.detach(), batch, flat_keep, bound)
+        return Ragged(x, y, w, flat_keep, runs, by_logit_order, columns)
+    return Ragged(x, y, w, flat_keep, _ragged.sort_runs(keys, y, batch, flat_keep, bound), None, columns)
 
 
 def ranking_loss(

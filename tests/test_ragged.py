@@ -26,7 +26,7 @@ def _batch(columns: int):
 @pytest.mark.parametrize("columns", [1, 3])
 def test_keys_stay_below_2_31_and_order_groups_alike(columns):
     small, wide, *_, mask = _batch(columns)
-    narrow_keys, wide_keys = _ragged.flat_keys(small, mask), _ragged.flat_keys(wide, mask)
+    (narrow_keys, _), (wide_keys, _) = _ragged.flat_keys(small, mask), _ragged.flat_keys(wide, mask)
     for keys in (narrow_keys, wide_keys):
         assert int(keys.min()) >= 0
         assert int(keys.max()) < 2**31
@@ -64,3 +64,110 @@ def test_sort_by_key_then_descending_orders_ties_by_entry_and_leaves_its_inputs(
     assert torch.equal(packed, _ragged._packed(keys, values)[order])
     assert torch.equal(keys, keys_before)
     assert torch.equal(values, values_before)
+
+
+def _binary_batch(size: int, columns: int, seed: int = 0):
+    """0/1 labels (NaN at some left-out entries), logits with ties, unsorted group ids, a mask."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = torch.randint(0, max(size // 12, 1), (size,), generator=gen) * 5 - 7
+    keep = torch.rand(size, columns, generator=gen) < 0.8
+    labels = (torch.rand(size, columns, generator=gen) < 0.35).double()
+    labels[~keep & (torch.rand(size, columns, generator=gen) < 0.5)] = float("nan")
+    values = torch.randint(-3, 4, (size, columns), generator=gen).double() / 2  # ties, and -0.0 beside 0.0
+    values[::5] = -0.0
+    keys, bound = _ragged.flat_keys(groups, keep)
+    flat = lambda t: t.t().reshape(-1)  # noqa: E731
+    return keys, bound, flat(labels), flat(values), flat(keep)
+
+
+def _general(monkeypatch):
+    """Turn the 0/1 fast paths off: every label then goes through the general sort."""
+    monkeypatch.setattr(_ragged, "_binary", lambda labels, keep: None)
+
+
+@pytest.mark.parametrize("size", [300, 40000])  # a comparison sort below 32768 entries, a radix sort above
+@pytest.mark.parametrize("columns", [1, 3])
+def test_0_1_labels_sort_in_int32_to_the_same_runs(size, columns, monkeypatch):
+    keys, bound, labels, _, keep = _binary_batch(size, columns)
+    assert _ragged._binary(labels, keep) is not None
+    fast = _ragged.sort_runs(keys, labels, size, keep, bound)
+    _general(monkeypatch)
+    general = _ragged.sort_runs(keys, labels, size, keep, bound)
+    # Both sorts are stable: ties in entry order, so every field is the same tensor.
+    for name in ("order", "start", "tie_start", "higher"):
+        assert torch.equal(getattr(fast, name), getattr(general, name)), name
+    assert (fast.column is None) == (general.column is None) == (columns == 1)
+
+
+@pytest.mark.parametrize("size", [300, 40000])
+@pytest.mark.parametrize("columns", [1, 3])
+def test_0_1_labels_give_runs_and_value_order_from_one_sort(size, columns, monkeypatch):
+    keys, bound, labels, values, keep = _binary_batch(size, columns, seed=1)
+    runs, by_value = _ragged.sort_runs_and_by_value(keys, labels, values, size, keep, bound)
+    _general(monkeypatch)
+    general, general_by_value = _ragged.sort_runs_and_by_value(keys, labels, values, size, keep, bound)
+    assert torch.equal(by_value, general_by_value)
+    for name in ("start", "tie_start", "higher"):
+        assert torch.equal(getattr(runs, name), getattr(general, name)), name
+    # The same entries in each label tie; inside a tie, value order (from high to low, then entry order).
+    assert sorted(runs.order.tolist()) == list(range(size * columns))
+    n = size * columns
+    in_block = lambda r: torch.sort(r.tie_start * n + r.order).values  # noqa: E731
+    assert torch.equal(in_block(runs), in_block(general))
+    rank_of = torch.empty_like(by_value).scatter_(0, by_value, torch.arange(n))
+    same_tie = runs.tie_start[1:] == runs.tie_start[:-1]
+    assert bool(same_tie.any())
+    ranks = rank_of[runs.order]
+    assert bool((ranks[1:][same_tie] > ranks[:-1][same_tie]).all())
+    # Labels from high to low inside each run; left-out entries alone.
+    kept = keep[runs.order]
+    sorted_labels = torch.where(kept, labels[runs.order], 0.0)
+    same_run = runs.start[1:] == runs.start[:-1]
+    assert bool((sorted_labels[1:][same_run] <= sorted_labels[:-1][same_run]).all())
+    assert bool((runs.higher[~kept] == 0).all())
+
+
+def test_graded_labels_and_non_binary_values_take_the_general_path():
+    keep = torch.tensor([True, True, False, True])
+    assert _ragged._binary(torch.tensor([0.0, 1.0, 7.0, 1.0]), keep) is not None  # 7 is left out
+    assert _ragged._binary(torch.tensor([0.0, 2.0, 1.0, 1.0]), keep) is None
+    assert _ragged._binary(torch.tensor([0.0, 0.5, 1.0, 1.0]), keep) is None
+    assert _ragged._binary(torch.tensor([0.0, float("nan"), 1.0, 1.0]), keep) is None
+
+
+@pytest.mark.parametrize("kind", list(RANKINGS))
+@pytest.mark.parametrize("columns", [1, 3])
+def test_0_1_labels_give_the_general_sums_and_gradients(kind, columns, monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    batch = 500
+    groups = torch.randint(0, 40, (batch,), generator=gen)
+    logits = (torch.randint(-4, 5, (batch, columns), generator=gen).double() / 2).requires_grad_()  # ties
+    labels = (torch.rand(batch, columns, generator=gen) < 0.3).double()
+    weights = torch.rand(batch, columns, generator=gen, dtype=torch.float64) + 0.5
+    mask = torch.rand(batch, columns, generator=gen) < 0.8
+    labels[~mask] = float("nan")
+    sums, counts = unchecked_ranking_sums(logits, labels, groups, weights, mask, kind)
+    (grad,) = torch.autograd.grad(sums.sum(), logits)
+    _general(monkeypatch)
+    general_sums, general_counts = unchecked_ranking_sums(logits, labels, groups, weights, mask, kind)
+    (general_grad,) = torch.autograd.grad(general_sums.sum(), logits)
+    assert bool((counts > 0).all())
+    assert torch.equal(counts, general_counts)
+    torch.testing.assert_close(sums, general_sums, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, general_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("span", [2**29, 2**30])  # keys of the int32 sort; keys too wide for it
+def test_group_ids_spanning_up_to_2_30_values(span):
+    gen = torch.Generator().manual_seed(5)
+    batch = 64
+    small = torch.randint(0, 2, (batch,), generator=gen)
+    logits = torch.randn(batch, 1, generator=gen, dtype=torch.float64)
+    labels = (torch.rand(batch, 1, generator=gen) < 0.4).double()
+    expected = {kind: unchecked_ranking_sums(logits, labels, small, None, None, kind) for kind in RANKINGS}
+    _, bound = _ragged.flat_keys(small * span, torch.ones(batch, 1, dtype=torch.bool))
+    assert (2 * bound <= 2**31) == (span == 2**29)
+    for kind in RANKINGS:
+        sums, counts = unchecked_ranking_sums(logits, labels, small * span, None, None, kind)
+        assert torch.equal(counts, expected[kind][1])
+        torch.testing.assert_close(sums, expected[kind][0], rtol=1e-12, atol=1e-12)

@@ -148,10 +148,11 @@ class TestAgainstTheLoop:
             assert count == ref_count > 0
             torch.testing.assert_close(ours, ref)
 
+    @pytest.mark.parametrize("graded", [True, False])  # 0/1 labels take the one-bit sort paths
     @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
     @pytest.mark.parametrize("kind", KINDS)
-    def test_values_and_gradients(self, kind, dtype):
-        x, y, g, w, m = _column(dtype=dtype, seed=1)
+    def test_values_and_gradients(self, kind, dtype, graded):
+        x, y, g, w, m = _column(dtype=dtype, seed=1, graded=graded)
         x.requires_grad_()
         ours = ranking_loss(x, y, g, kind, weights=w, mask=m)
         assert ours.dtype == dtype
@@ -211,7 +212,7 @@ class TestAgainstTheLoop:
         sizes = torch.tensor([1, 1000, 3, 250, 1, 40])
         g = torch.repeat_interleave(torch.arange(6), sizes)
         y = torch.randint(0, 3, (len(g),), generator=gen).double()
-        keys = _ragged.flat_keys(g, torch.ones(len(g), 1, dtype=torch.bool))
+        keys, _ = _ragged.flat_keys(g, torch.ones(len(g), 1, dtype=torch.bool))
         runs = _ragged.sort_runs(keys, y, len(g))
         higher, lower = _ragged.pairs(runs)
         expected = 0
