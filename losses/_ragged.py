@@ -179,47 +179,6 @@ def sort_runs(
     return _runs(order, start, tie_start, batch)
 
 
-def sort_runs_and_by_value(
-    keys: torch.Tensor,
-    labels: torch.Tensor,
-    values: torch.Tensor,
-    batch: int,
-    keep: Optional[torch.Tensor] = None,
-    bound: int = _KEYS,
-) -> tuple[Runs, torch.Tensor]:
-    """:func:`sort_runs`, and the entries sorted by key then by value from high to low (ties in entry order).
-
-    The second is :func:`sort_by_key_then_descending`'s order: a run holds the same sorted positions
-    in both orders, so the ``k``-th position of a run by value is its entry of rank ``k``. With labels
-    0 and 1 (on the CPU) one sort gives both: the runs sorted by value are split stably into their
-    1s, then their 0s, by counts (a few scans of ``N``, against a second ``N log N`` sort); inside a
-    label tie the entries are then in value order rather than entry order, which no term reads.
-    """
-    negative = _binary(labels, keep)
-    if negative is None:
-        return sort_runs(keys, labels, batch, keep, bound), sort_by_key_then_descending(keys, values)[1]
-    packed, by_value = sort_by_key_then_descending(keys, values)
-    # packed = key 2^32 + code, code in [-2^31, 2^31): the key is the top half once the code is shifted up.
-    sorted_keys = packed.add_(2**31).bitwise_right_shift_(32)
-    start = torch.cummax(_changes(sorted_keys, first=True), 0).indices
-    # Counts in int32 from here: its elementwise ops run several times faster than int64's on the CPU.
-    first = start.to(torch.int32)
-    rank = torch.arange(start.numel(), dtype=torch.int32, device=start.device).sub_(first)  # in the run, by value
-    is_one = negative.index_select(0, by_value).logical_not_()
-    one = is_one.to(torch.int32)
-    # The 1s before each position in its run, and the 1s of its run (summed at the run's start, read back).
-    before = torch.cumsum(one, 0, dtype=torch.int32).sub_(one)
-    before.sub_(before.index_select(0, start))
-    ones = torch.zeros_like(one).index_add_(0, start, one).index_select(0, start)
-    # A run's 0s take its positions from ``ones`` on: each has ``ones`` entries of a higher label before it.
-    higher = ones * (rank >= ones)
-    # Label order: the run's 1s at its first positions in value order, then its 0s in value order.
-    within = torch.where(is_one, before, rank.sub_(before).add_(ones)).add_(first)
-    order = torch.empty_like(by_value).scatter_(0, within.to(torch.int64), by_value)
-    tie_start = higher.add_(first).to(torch.int64)
-    return _runs(order, start, tie_start, batch), by_value
-
-
 def pairs(runs: Runs) -> tuple[torch.Tensor, torch.Tensor]:
     """Every pair (higher label, lower label) inside a run, as two ``[P]`` tensors of sorted positions.
 

@@ -219,10 +219,9 @@ def ragged_entries(
         block = weights.unsqueeze(1).expand(batch, columns) if weights.ndim == 1 else weights
         w = block.t().reshape(-1).to(dtype)
     x = logits.t().reshape(-1).to(dtype)
-    if by_logit:
-        runs, by_logit_order = _ragged.sort_runs_and_by_value(keys, y, x.detach(), batch, flat_keep, bound)
-        return Ragged(x, y, w, flat_keep, runs, by_logit_order, columns)
-    return Ragged(x, y, w, flat_keep, _ragged.sort_runs(keys, y, batch, flat_keep, bound), None, columns)
+    runs = _ragged.sort_runs(keys, y, batch, flat_keep, bound)
+    order = _ragged.sort_by_key_then_descending(keys, x.detach())[1] if by_logit else None
+    return Ragged(x, y, w, flat_keep, runs, order, columns)
 
 
 def ranking_loss(
