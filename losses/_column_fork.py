@@ -54,8 +54,10 @@ class ColumnFork(torch.autograd.Function):
             if ctx.span is not None:
                 index = torch.arange(ctx.span[0], ctx.span[0] + ctx.span[1], device=grad_all.device)
             return grad_all.index_add(1, index, grad_columns), None, None
-        elif not grad_all.is_contiguous():  # a broadcast, say, has no entry of its own to add to
-            grad_all = grad_all.contiguous()
+        elif not grad_all.is_contiguous() or 0 in grad_all.stride():
+            # A broadcast has no entry of its own to add to. Over size-1 dims (B = 1) it passes for
+            # contiguous, yet its zero strides still alias the gradient it was expanded from.
+            grad_all = grad_all.clone(memory_format=torch.contiguous_format)
         if ctx.span is not None:
             grad_all.narrow(1, *ctx.span).add_(grad_columns)
         else:
