@@ -18,8 +18,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
+from losses._once_differentiable import once_differentiable
 from losses._ragged import per_column_sums
 
 
@@ -71,7 +71,8 @@ class SoftmaxListSums(torch.autograd.Function):
                 scales = scales * mean_weight
             by_row = torch.cat([scales, listed.to(scales.dtype).unsqueeze(0)]).index_select(1, start)
             per_row = torch.where(by_row[2] > 0, exps * by_row[0] - labels * by_row[1], 0.0)
-            ctx.save_for_backward(torch.empty_like(per_row).scatter_(0, order, per_row))  # to entry order
+            # x too: a recorded backward links its refusal of a second derivative to it
+            ctx.save_for_backward(torch.empty_like(per_row).scatter_(0, order, per_row), x)  # to entry order
         counts = per_column_sums(listed.to(losses.dtype), run_column, columns)
         ctx.mark_non_differentiable(counts)
         return per_column_sums(losses, run_column, columns), counts
@@ -79,7 +80,7 @@ class SoftmaxListSums(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the saved gradient is a constant: a second derivative is refused, not silently 0
     def backward(ctx: Any, grad: torch.Tensor, _: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
-        (per_entry,) = ctx.saved_tensors
+        per_entry = ctx.saved_tensors[0]
         # Entries are task-major (e = r B + b): column r's gradient scales a block of B entries (B may be 0).
         grad_x = (per_entry.view(ctx.columns, per_entry.numel() // ctx.columns) * grad.unsqueeze(1)).reshape(-1)
         return grad_x, None, None, None, None, None, None, None

@@ -15,8 +15,8 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
+from losses._once_differentiable import once_differentiable
 from losses._ragged import per_column_sums
 
 
@@ -105,13 +105,14 @@ class SortedPairLossSums(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             slope = loss.slope(margin) if weight is None else loss.weighted_slope(margin, weight)
             per_row = slope.new_zeros(x.numel()).index_add_(0, lower, slope).index_add_(0, higher, slope, alpha=-1)
-            ctx.save_for_backward(torch.empty_like(per_row).scatter_(0, order, per_row))  # to entry order
+            # x too: a recorded backward links its refusal of a second derivative to it
+            ctx.save_for_backward(torch.empty_like(per_row).scatter_(0, order, per_row), x)  # to entry order
         return sums
 
     @staticmethod
     @once_differentiable  # the saved gradient is a constant: a second derivative is refused, not silently 0
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        (per_entry,) = ctx.saved_tensors
+        per_entry = ctx.saved_tensors[0]
         # Entries are task-major (e = r B + b): column r's gradient scales a block of B entries (B may be 0).
         grad_x = (per_entry.view(ctx.columns, per_entry.numel() // ctx.columns) * grad.unsqueeze(1)).reshape(-1)
         return grad_x, None, None, None, None, None, None, None, None, None

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from losses import MultiTaskLoss, Task, UncertaintyWeighting, _ragged
 from losses import _column_fork as fork_module
 from losses._column_fork import ColumnFork
-from losses.ranking_losses import RANKINGS, unchecked_ranking_sums
+from losses.ranking_losses import RANKINGS, ranking_loss, unchecked_ranking_sums
 from tests.test_ranking_losses import HEAD, _head_batch, loop_sums, matrix_sums
 
 # ---- the fork -------------------------------------------------------------------------------------
@@ -182,6 +182,39 @@ def test_retain_graph_second_backward_and_create_graph():
     forked, plain = _both(run)
     assert forked[0].abs().sum() > 0
     _assert_bitwise(forked, plain)
+
+
+@pytest.mark.parametrize("kind", list(RANKINGS))
+def test_a_gradient_penalty_through_a_ranking_term_is_refused_not_silently_missing_its_curvature(kind):
+    # Found by this file: with create_graph=True and the ranking term entering the loss linearly, the
+    # fused Functions' first derivative came back as a constant (torch's once_differentiable only
+    # attaches its error when the incoming gradient requires grad, and then to a node leading to no
+    # input), so autograd.grad(penalty, params) ran and left out the ranking term's curvature:
+    # [0.1026, -0.1025, -0.2331] against torch.func's [0.3300, -0.3556, -0.6734] (pairwise_logistic).
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(20, 3, generator=gen, dtype=torch.float64)
+    labels = (torch.rand(20, 1, generator=gen) < 0.4).double()
+    groups = torch.randint(0, 4, (20,), generator=gen)
+    weight = torch.randn(1, 3, generator=gen, dtype=torch.float64)
+    loss = MultiTaskLoss([Task("a", ranking=kind)]).double()
+
+    def total(w):
+        return loss(features @ w.t(), labels, groups=groups)["loss"]
+
+    for plain in (False, True):
+        with _reads(plain):
+            w = weight.clone().requires_grad_()
+            (grad,) = torch.autograd.grad(total(w), w, create_graph=True)
+            with pytest.raises(RuntimeError, match="differentiate twice"):
+                torch.autograd.grad(grad.square().sum(), w)
+    # torch.func runs the plain ops, which have the curvature.
+    curvature = torch.func.grad(lambda w: torch.func.grad(total)(w).square().sum())(weight)
+    assert curvature.abs().sum() > 0
+    # The functional form, differentiated twice to its own logits.
+    logits = features[:, 0].clone().requires_grad_()
+    (grad,) = torch.autograd.grad(ranking_loss(logits, labels[:, 0], groups, kind), logits, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.grad(grad.square().sum(), logits)
 
 
 @pytest.mark.parametrize("batch", [1, 5])
