@@ -12,6 +12,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -85,10 +86,18 @@ def _batch(head, batch, dtype, seed=0):
     return 4, labels, None, mask, torch.randint(0, 3, (batch,), generator=gen)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    ("dtype", "reduction"),
+    [
+        (torch.float64, "mean"),
+        (torch.float64, "sum"),
+        (torch.float32, "sum"),
+        (torch.bfloat16, "mean"),
+        (torch.float16, "mean"),
+    ],
+)
 @pytest.mark.parametrize("batch", [1, 33])
 @pytest.mark.parametrize("head", ["split", "run"])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_a_linear_head_with_hooks_and_two_accumulated_steps(dtype, batch, head, reduction):
     tasks = SPLIT_HEAD if head == "split" else RUN_HEAD
 
@@ -143,6 +152,31 @@ def test_logits_also_read_by_a_loss_outside_the_module(dtype):
         (module,) = torch.autograd.grad(loss(x, labels, weights, mask, groups=groups)["loss"], x)
     (other,) = torch.autograd.grad(outside(x), x)
     assert torch.equal(forked, module + other)
+
+
+@pytest.mark.parametrize("case", ["transposed logits", "checkpoint", "int16 groups"])
+def test_strided_logits_activation_checkpointing_and_narrow_group_ids(case):
+    def run():
+        logits, labels, weights, mask, groups = _head_batch(batch=25, seed=1)
+        loss = MultiTaskLoss(HEAD).double()
+        if case == "transposed logits":  # a non-contiguous [B, C] view: the fork's view and gather read it
+            leaf = logits.t().contiguous().requires_grad_()
+            total = loss(leaf.t(), labels, weights, mask, groups=groups)["loss"]
+        elif case == "checkpoint":  # the forward (and the fork) run again in the backward
+
+            def step(z):
+                return loss(z * 1.0, labels, weights, mask, groups=groups)["loss"]
+
+            leaf = logits.clone().requires_grad_()
+            total = torch.utils.checkpoint.checkpoint(step, leaf, use_reentrant=False)
+        else:
+            leaf = logits.clone().requires_grad_()
+            total = loss(leaf, labels, weights, mask, groups=groups.to(torch.int16))["loss"]
+        return [*torch.autograd.grad(total, leaf), total.detach()]
+
+    forked, plain = _both(run)
+    assert forked[0].abs().sum() > 0
+    _assert_bitwise(forked, plain)
 
 
 @pytest.mark.parametrize("normalize", ["local", "global"])
@@ -283,8 +317,9 @@ def test_torch_func_grad_reads_plain_columns():
 
 
 def test_torch_compile_gradient_equals_the_eager_one():
-    logits, labels, weights, mask, groups = _head_batch(batch=16, seed=7)
-    loss = MultiTaskLoss(HEAD).double()
+    _, labels, weights, mask, groups = _batch(RUN_HEAD, 16, torch.float64, seed=7)
+    logits = torch.randn(16, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    loss = MultiTaskLoss(RUN_HEAD).double()
 
     def total(z):
         return loss(z, labels, weights, mask, groups=groups)["loss"]
