@@ -98,6 +98,7 @@ def _batch(head, batch, dtype, seed=0):
 )
 @pytest.mark.parametrize("batch", [1, 33])
 @pytest.mark.parametrize("head", ["split", "run"])
+@pytest.mark.filterwarnings("ignore:`task_loss_reduction='sum'`:UserWarning")  # the DDP note; no DDP here
 def test_a_linear_head_with_hooks_and_two_accumulated_steps(dtype, batch, head, reduction):
     tasks = SPLIT_HEAD if head == "split" else RUN_HEAD
 
