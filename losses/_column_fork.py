@@ -27,8 +27,8 @@ class ColumnFork(torch.autograd.Function):
     ``span`` is ``(first column, count)`` when the columns are consecutive, else ``None`` and
     ``index`` names them. The first gradient is added to in place: it comes from the module's own
     pointwise terms, whose backward makes a fresh tensor that nothing else holds. It is copied first
-    when it is not contiguous (a broadcast zero, say), and the add is out of place when
-    the backward is itself recorded (``create_graph``).
+    when it is not contiguous or has a zero stride (a broadcast, say), and the add is out of place
+    when the backward is itself recorded (``create_graph``).
     """
 
     @staticmethod

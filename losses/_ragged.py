@@ -138,18 +138,6 @@ def _binary(labels: torch.Tensor, keep: Optional[torch.Tensor]) -> Optional[torc
     return negative
 
 
-def _runs(order: torch.Tensor, start: torch.Tensor, tie_start: torch.Tensor, batch: int) -> Runs:
-    n = order.numel()
-    return Runs(
-        order=order,
-        start=start,
-        tie_start=tie_start,
-        higher=tie_start - start,
-        # An empty batch keeps its (empty) columns: one column is no column only with rows.
-        column=None if n == batch > 0 else torch.div(order, max(batch, 1), rounding_mode="floor"),
-    )
-
-
 def sort_runs(
     keys: torch.Tensor, labels: torch.Tensor, batch: int, keep: Optional[torch.Tensor] = None, bound: int = _KEYS
 ) -> Runs:
@@ -176,7 +164,14 @@ def sort_runs(
     # reached: cummax gives the last index of equal maxima (its kernels compare with >=; the pair
     # tests would fail otherwise), so both rows need one scan and no marked positions.
     start, tie_start = torch.cummax(_changes(marks, first=True), 1).indices.unbind()
-    return _runs(order, start, tie_start, batch)
+    return Runs(
+        order=order,
+        start=start,
+        tie_start=tie_start,
+        higher=tie_start - start,
+        # An empty batch keeps its (empty) columns: one column is no column only with rows.
+        column=None if n == batch > 0 else torch.div(order, max(batch, 1), rounding_mode="floor"),
+    )
 
 
 def pairs(runs: Runs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,7 +100,8 @@ class RankingTerms(nn.Module):
         if logits.device.type == "meta":  # shape inference: the pair count has no value to read
             empty = logits.new_zeros(len(self.names), dtype=functional.compute_dtype(logits.dtype))
             return empty, empty
-        x, (y, w, m) = logits, self._columns(labels, weights, mask)
+        x = logits  # already the ranked columns
+        y, w, m = self._columns(labels, weights, mask)
         if len(self.kinds) == 1:
             return unchecked_ranking_sums(x, y, groups, w, m, self.kinds[0][0])
         parts, start = [], 0
